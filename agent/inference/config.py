@@ -1,0 +1,56 @@
+"""The ``[inference]`` section of the agent configuration (batch ``infer`` jobs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MiB = 1024 * 1024
+
+
+class InferenceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Directories whose files `infer` jobs may read by `path` (symlinks are resolved first, so a "
+        "link pointing outside is refused). Empty: `path` sources are refused.",
+    )
+    max_image_bytes: int = Field(16 * MiB, ge=1024, description="Largest encoded image accepted from any source.")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Largest decoded image (width x height), a guard against decompression bombs."
+    )
+    chunk_size: int = Field(
+        32, ge=1, le=1000, description="Images per result message; each chunk is also a resume checkpoint."
+    )
+    chunk_max_s: float = Field(
+        2.0, gt=0, description="A chunk is sent after this long even when not full, so slow sources still stream."
+    )
+    decode_workers: int = Field(
+        0, ge=0, le=32,
+        description="Threads that fetch, decode and preprocess images ahead of inference; 0: one fewer than the "
+        "CPU cores (at least 1), leaving a core to the inference runtime.",
+    )
+    pipeline_depth: int = Field(
+        8, ge=1, le=256,
+        description="Images decoded ahead of inference at most (bounds memory: about depth x one decoded image).",
+    )
+    progress_interval_s: float = Field(
+        1.0, ge=0, description="Least time between two progress updates of an `infer` job (processed, images/s, ETA)."
+    )
+    download_timeout_s: float = Field(30.0, gt=0, description="Whole-download limit for one `url` image.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect limit for `url` images and uploads.")
+    upload_timeout_s: float = Field(60.0, gt=0, description="Limit for one HTTP PUT to `upload_url`.")
+    outputs_dir: Optional[Path] = Field(
+        None, description="Where annotated images and output files are written; default `<state_dir>/outputs`."
+    )
+
+    def resolve_outputs_dir(self, state_dir: Path) -> Path:
+        return self.outputs_dir if self.outputs_dir is not None else state_dir / "outputs"
+
+    def workers(self) -> int:
+        import os
+
+        return self.decode_workers or max(1, (os.cpu_count() or 2) - 1)

@@ -1,0 +1,179 @@
+"""Turns request messages into accepted or rejected jobs, durably, before acknowledging them.
+
+The MQTT network thread only queues messages here. The intake thread takes whatever has arrived, validates each
+message, records the outcome of the whole batch in one state transaction, waits for it to be on disk, and only
+then sends the PUBACKs (paho manual ack): a crash after a PUBACK can never lose a job, and one fsync covers many
+requests. Every message gets an answer: a job status, or a message on ``N/errors`` when no job id can be read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING, Any, Optional
+
+import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+
+from agent.engine import encode_correlation
+from agent.jobs import registry
+from agent.mqtt import valid_publish_topic
+from agent.protocol import ErrorCode, ErrorInfo, JobRequest, JobState, NodeError, is_safe_job_id, now
+
+if TYPE_CHECKING:
+    from agent.node import Node
+
+log = logging.getLogger("cv_worker.intake")
+
+MAX_BATCH = 500
+
+
+def describe_validation_error(e: ValidationError, what: str) -> str:
+    """One line per problem, with the field path: what a controller author needs to fix the request."""
+    parts = []
+    for err in e.errors()[:10]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (and {len(e.errors()) - 10} more)" if len(e.errors()) > 10 else ""
+    return f"invalid {what}: " + "; ".join(parts) + more
+
+
+class Intake:
+    def __init__(self, node: "Node"):
+        self.node = node
+        self._q: "queue.Queue[Optional[tuple[mqtt.MQTTMessage, int]]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self.accepted = 0
+        self.rejected = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="intake", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._q.put(None)
+        if self._thread:
+            self._thread.join(5)
+
+    def submit(self, msg: mqtt.MQTTMessage, epoch: int) -> None:
+        """Called on the MQTT network thread: just queue."""
+        self._q.put((msg, epoch))
+
+    def _loop(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._q.put(None)
+                    break
+                batch.append(item)
+            try:
+                self._process(batch)
+            except Exception:
+                log.exception("intake failed on a batch of %d messages", len(batch))
+
+    def _process(self, batch: list[tuple[mqtt.MQTTMessage, int]]) -> None:
+        state = self.node.state
+        to_dispatch: list[dict[str, Any]] = []
+        with state.transaction():
+            for msg, _ in batch:
+                try:
+                    job = self._handle(msg)
+                except Exception as e:  # a bug must still give the sender an answer
+                    log.exception("error on request %s", msg.topic)
+                    self._node_error(msg.topic, ErrorCode.internal_error, f"{type(e).__name__}: {e}")
+                    job = None
+                if job is not None:
+                    to_dispatch.append(job)
+        state.wait_durable()
+        log.debug("intake batch of %d requests durable, %d to run", len(batch), len(to_dispatch))
+        for msg, epoch in batch:
+            self.node.link.ack(msg.mid, msg.qos, epoch)
+        for job in to_dispatch:
+            self.node.engine.dispatch(job)
+
+    def _node_error(self, topic: str, code: ErrorCode, message: str) -> None:
+        err = NodeError(node_id=self.node.node_id, topic=topic[:1024],
+                        error=ErrorInfo(code=code.value, message=message), ts=now())
+        self.node.outbox.add(self.node.topics.errors, err.model_dump(mode="json"), kind="error")
+        self.rejected += 1
+        log.warning("request on %r refused: %s: %s", topic[:200], code.value, message)
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> Optional[dict[str, Any]]:
+        """Validate one request; record it (accepted or rejected). Returns the job when it must run."""
+        engine = self.node.engine
+        parsed = self.node.topics.parse_request_topic(msg.topic)
+        if parsed is None:
+            self._node_error(msg.topic, ErrorCode.invalid_topic, "not a request topic of this node")
+            return None
+        job_id, pool = parsed
+        if not is_safe_job_id(job_id):
+            self._node_error(msg.topic, ErrorCode.invalid_job_id,
+                             "the job id in the topic must be 1-128 characters of letters, digits, '.', '_' or '-' "
+                             "and start with a letter or digit")
+            return None
+
+        response: Optional[tuple[str, Optional[str]]] = None
+        props = getattr(msg, "properties", None)
+        rt = getattr(props, "ResponseTopic", None) if props is not None else None
+        if rt is not None:
+            if valid_publish_topic(rt):
+                response = (rt, encode_correlation(getattr(props, "CorrelationData", None)))
+            else:
+                log.warning("ignoring invalid response topic %r on job %s", str(rt)[:200], job_id)
+
+        existing = self.node.state.get_job(job_id)
+        if existing is not None and existing["state"] != JobState.REJECTED.value:
+            engine.republish(existing, response)
+            return None
+
+        def reject(code: ErrorCode, message: str, job_type: str = "unknown") -> None:
+            self.rejected += 1
+            engine.reject(job_id, job_type, ErrorInfo(code=code.value, message=message), response)
+
+        limit = self.node.config.jobs.max_payload_bytes
+        if len(msg.payload) > limit:
+            reject(ErrorCode.payload_too_large,
+                   f"payload is {len(msg.payload)} bytes; this node accepts at most {limit} (jobs.max_payload_bytes)")
+            return None
+        try:
+            data = json.loads(msg.payload)
+        except (ValueError, RecursionError) as e:
+            reject(ErrorCode.invalid_json, f"payload is not valid UTF-8 JSON: {str(e)[:200]}")
+            return None
+        if not isinstance(data, dict):
+            reject(ErrorCode.invalid_request, f"payload must be a JSON object, got {type(data).__name__}")
+            return None
+        raw_type = data.get("type")
+        job_type = raw_type if isinstance(raw_type, str) and 0 < len(raw_type) <= 64 else "unknown"
+        try:
+            req = JobRequest.model_validate(data)
+        except ValidationError as e:
+            reject(ErrorCode.invalid_request, describe_validation_error(e, "request"), job_type)
+            return None
+        if req.job_id is not None and req.job_id != job_id:
+            reject(ErrorCode.job_id_mismatch,
+                   f"job_id {req.job_id[:200]!r} in the payload differs from {job_id!r} in the topic", job_type)
+            return None
+        handler_cls = registry.get(req.type) if self.node.accepts(req.type) else None
+        if handler_cls is None:
+            reject(ErrorCode.unknown_job_type,
+                   f"unknown job type {req.type[:64]!r}; this node accepts: {', '.join(self.node.capabilities())}",
+                   job_type)
+            return None
+        try:
+            handler_cls.params_model.model_validate(req.params)
+        except ValidationError as e:
+            reject(ErrorCode.invalid_params, describe_validation_error(e, f"params for {req.type}"), job_type)
+            return None
+        self.accepted += 1
+        return engine.accept(job_id, req, handler_cls, pool, response)

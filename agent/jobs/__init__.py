@@ -1,0 +1,1 @@
+"""Job types and the engine that runs them."""

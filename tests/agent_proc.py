@@ -1,0 +1,183 @@
+"""Runs a real cv-worker agent process for tests, and a controller that watches its topics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from agent.client import Controller
+from agent.config import MqttConfig
+from agent.devbroker import Mosquitto
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def toml_value(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    lines = []
+    sections = {k: v for k, v in data.items() if isinstance(v, dict)}
+    # None means "leave unset" (TOML has no null).
+    for k, v in data.items():
+        if not isinstance(v, dict) and v is not None:
+            lines.append(f"{k} = {toml_value(v)}")
+    for name, sec in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in sec.items() if v is not None]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class AgentProc:
+    """One `cv-worker run` process with its own config and state directory."""
+
+    def __init__(self, workdir: Path, broker: Mosquitto, node_id: str, **overrides: Any):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.node_id = node_id
+        self.broker = broker
+        self.state_dir = self.workdir / "state"
+        cfg: dict[str, Any] = {
+            "node_id": node_id,
+            "state_dir": str(self.state_dir),
+            "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0,
+                     "keepalive": 10},
+            "jobs": {"enable_debug_jobs": True, "progress_interval_s": 0.1},
+            "discovery": {"enabled": False},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                cfg.setdefault(key, {}).update(value)
+            else:
+                cfg[key] = value
+        self.cfg = cfg
+        self.config_path = write_config(self.workdir / "config.toml", cfg)
+        self.log_path = self.workdir / "agent.log"
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self, wait_online: bool = True, timeout: float = 20.0) -> "AgentProc":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("CV_WORKER_CONFIG", None)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
+            stdout=log, stderr=log, cwd=REPO, env=env,
+        )
+        log.close()
+        if wait_online:
+            self.wait_log("connected to MQTT broker", timeout)
+        return self
+
+    def wait_log(self, text: str, timeout: float = 20.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log().count(text) >= count:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"agent log has no {text!r} after {timeout}s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(f"agent did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL: a power cut as far as the agent can tell."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--config", str(self.config_path)],
+                              capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        data = json.loads((self.state_dir / "jobs.json").read_text())
+        return data.get("jobs", {})
+
+
+def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:
+    cfg = MqttConfig(host=broker.host, port=broker.port, **mqtt_overrides)
+    return Controller(cfg, broker.host, broker.port).connect()
+
+
+class Recorder:
+    """Subscribes to topic filters and records every message (topic, payload dict or bytes, properties, retain)."""
+
+    def __init__(self, broker: Mosquitto, *filters: str, **client_kw: Any):
+        self.messages: list[tuple[str, Any, Any, bool]] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
+                                  **client_kw)
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        deadline = time.monotonic() + 10
+        while not self.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for f in filters:
+            self.client.subscribe(f, qos=1)
+        time.sleep(0.2)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            payload: Any = json.loads(msg.payload)
+        except ValueError:
+            payload = msg.payload
+        with self._cond:
+            self.messages.append((msg.topic, payload, msg.properties, bool(msg.retain)))
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[list[tuple[str, Any, Any, bool]]], bool], timeout: float = 20.0) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: pred(self.messages), timeout):
+                raise AssertionError(f"condition not met after {timeout}s; got {len(self.messages)} messages: "
+                                     f"{[(t, p) for t, p, _, _ in self.messages[-10:]]}")
+
+    def payloads(self, topic_suffix: str = "") -> list[Any]:
+        with self._cond:
+            return [p for t, p, _, _ in self.messages if t.endswith(topic_suffix)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def final_states(rec: Recorder, node_id: str, prefix: str = "cvw/v1") -> dict[str, dict[str, Any]]:
+    """Latest status (highest version) of each job seen on a node's status topics."""
+    out: dict[str, dict[str, Any]] = {}
+    for topic, payload, _, _ in list(rec.messages):
+        mine = topic.startswith(f"{prefix}/nodes/{node_id}/jobs/") and topic.endswith("/status")
+        if mine and isinstance(payload, dict):
+            cur = out.get(payload["job_id"])
+            if cur is None or payload["version"] > cur["version"]:
+                out[payload["job_id"]] = payload
+    return out

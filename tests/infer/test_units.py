@@ -1,0 +1,82 @@
+"""The inference building blocks on their own: fast preprocessing equals the reference, the prefetch stage keeps
+order and its bound, image headers, path confinement."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.inference.config import InferenceConfig
+from agent.inference.pipeline import Prefetch
+from agent.inference.predict import _header_size, to_tensor_fast
+from agent.inference.sources import ItemFailure, confine
+from models.manifest import InputSpec
+from models.preprocess import prepare
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+@pytest.mark.parametrize("picture", ["astronaut", "rocket", "camera"])
+def test_fast_preprocessing_equals_the_reference(resize: str, picture: str):
+    from skimage import data
+
+    img = getattr(data, picture)()
+    bgr = np.ascontiguousarray(np.repeat(img[:, :, None], 3, 2) if img.ndim == 2 else img[:, :, ::-1])
+    spec = InputSpec(width=128, height=96, layout="NHWC", dtype="float32", color="RGB", mean=[127.5], std=[127.5],
+                     resize=resize)
+    ref, ref_tf = prepare(bgr, spec, "BGR")
+    fast, fast_tf = to_tensor_fast(bgr, spec)
+    assert np.array_equal(ref, fast)
+    for a, b in zip(ref_tf.__dict__.values(), fast_tf.__dict__.values()):
+        assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_prefetch_keeps_order_bounds_work_in_flight_and_passes_errors():
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.001 * (i % 3))  # out-of-order completion
+        if i == 5:
+            raise ValueError("bad five")
+        return i * 10
+
+    seen = []
+    for i, res in Prefetch(work, range(40), workers=3, depth=4):
+        # never more than depth + the one being consumed submitted ahead of the consumer
+        assert len(started) <= i + 1 + 4
+        seen.append((i, res if not isinstance(res, BaseException) else str(res)))
+    assert seen == [(i, "bad five" if i == 5 else i * 10) for i in range(40)]
+
+
+def test_image_header_sizes(tmp_path: Path):
+    import cv2
+
+    img = np.zeros((37, 53, 3), np.uint8)
+    for ext in (".jpg", ".png"):
+        ok, buf = cv2.imencode(ext, img)
+        assert _header_size(buf.tobytes()) == (53, 37)
+    assert _header_size(b"GIF89a....") is None
+
+
+def test_confinement(tmp_path: Path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    (root / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    cfg = InferenceConfig(input_dirs=[root])
+    assert confine("sub/a.jpg", cfg.input_dirs) == (root / "sub" / "a.jpg").resolve()
+    assert confine(str(root / "sub" / ".." / "sub" / "a.jpg"), cfg.input_dirs).name == "a.jpg"
+    for bad in ("../secret.jpg", str(tmp_path / "secret.jpg"), "link.jpg", "../nothing-here.jpg"):
+        with pytest.raises(ItemFailure) as e:
+            confine(bad, cfg.input_dirs)
+        assert e.value.code == "path_not_allowed", bad
+    with pytest.raises(ItemFailure) as e:
+        confine("a.jpg", [])
+    assert "inference.input_dirs is empty" in e.value.message

@@ -1,0 +1,175 @@
+"""Nothing is lost: broker and agent crashes, offline delivery, duplicates, the outbox across restarts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from tests.agent_proc import Recorder, controller, final_states
+
+
+def _raw_publish(broker, topic: str, payload: bytes, qos: int = 1) -> None:
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    c.publish(topic, payload, qos=qos).wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def _wait_states(agent, job_ids, states, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    jobs = {}
+    while time.monotonic() < deadline:
+        jobs = agent.jobs() if (agent.state_dir / "jobs.json").exists() else {}
+        if all(jobs.get(j, {}).get("state") in states for j in job_ids):
+            return jobs
+        time.sleep(0.1)
+    raise AssertionError(f"jobs not in {states}: {[(j, jobs.get(j, {}).get('state')) for j in job_ids]}")
+
+
+def test_broker_sigkill_while_jobs_run(agents, mosquitto):
+    """Jobs keep running while the broker is dead; every status reaches the controller once it is back."""
+    agent = agents("node-k", jobs={"workers": 2, "progress_interval_s": 0.1})
+    ids = [f"bk-{i}" for i in range(6)]
+    with controller(mosquitto) as ctl:
+        for j in ids:
+            ctl.submit("debug.sleep", {"seconds": 2.0, "steps": 10}, node="node-k", job_id=j)
+        _wait_states(agent, ids[:2], {"IN_PROGRESS"})
+    mosquitto.kill()
+    time.sleep(2.5)  # jobs progress and finish with no broker: their statuses pile up in the outbox
+    mosquitto.start()
+    agent.wait_log("connected to MQTT broker", count=2, timeout=30)
+    jobs = _wait_states(agent, ids, {"SUCCEEDED"}, timeout=60)
+    rec = Recorder(mosquitto, "cvw/v1/nodes/node-k/jobs/+/status")
+    rec.wait_for(lambda m: len(final_states(rec, "node-k")) == len(ids)
+                 and all(s["state"] == "SUCCEEDED" for s in final_states(rec, "node-k").values()), timeout=30)
+    finals = final_states(rec, "node-k")
+    for j in ids:
+        assert finals[j]["version"] == jobs[j]["version"], "the retained status is the latest version on disk"
+    rec.close()
+    time.sleep(1)
+    assert agent.cli("status", "--json").returncode == 0
+    assert json.loads(agent.cli("status", "--json").stdout)["outbox_depth"] == 0
+
+
+def test_agent_sigkill_recovery(agents, mosquitto):
+    """After SIGKILL: queued jobs run, resumable jobs resume from their checkpoint, the others fail `interrupted`."""
+    agent = agents("node-r", jobs={"workers": 2})
+    with controller(mosquitto) as ctl:
+        resumable = ctl.submit("debug.sleep", {"seconds": 4.0, "steps": 8}, node="node-r", job_id="resumable")
+        plain = ctl.submit("debug.sleep", {"seconds": 4.0, "steps": 8, "resumable": False}, node="node-r",
+                           job_id="plain")
+        queued = ctl.submit("debug.sleep", {"seconds": 0.2, "steps": 2}, node="node-r", job_id="queued")
+        _wait_states(agent, [resumable, plain], {"IN_PROGRESS"})
+        time.sleep(1.2)
+        agent.kill()
+        jobs = agent.jobs()
+        step_at_kill = jobs["resumable"]["checkpoint"]["step"]
+        assert step_at_kill >= 1 and jobs["queued"]["state"] == "QUEUED"
+        agent.start()
+        for j in (resumable, plain, queued):
+            ctl.wait(j, timeout=30)
+        assert ctl.outcome(queued).state == "SUCCEEDED"
+        assert ctl.outcome(plain).state == "FAILED"
+        assert ctl.outcome(plain).last["error"]["code"] == "interrupted"
+        res = ctl.outcome(resumable)
+        assert res.state == "SUCCEEDED"
+        assert res.results[-1]["resumed_from_step"] == step_at_kill
+        # Versions stay strictly increasing across the crash: no status was reused or lost on disk.
+        versions = [s["version"] for s in res.statuses]
+        assert versions == sorted(set(versions))
+    assert not [j for j in agent.jobs().values() if j["state"] in ("QUEUED", "IN_PROGRESS")]
+
+
+def test_jobs_sent_while_agent_is_down_are_delivered(agents, mosquitto):
+    agent = agents("node-o")
+    agent.stop()
+    with controller(mosquitto) as ctl:
+        ids = [ctl.submit("node.info", node="node-o") for _ in range(5)]
+        time.sleep(0.5)
+        agent.start()
+        for j in ids:
+            assert ctl.wait(j, timeout=30).state == "SUCCEEDED"
+
+
+def test_duplicate_request_runs_once(agents, mosquitto):
+    agent = agents("node-d")
+    body = json.dumps({"type": "debug.sleep", "params": {"seconds": 0.5, "steps": 1}}).encode()
+    rec = Recorder(mosquitto, "cvw/v1/nodes/node-d/jobs/dup-1/status")
+    topic = "cvw/v1/nodes/node-d/jobs/dup-1/request"
+    _raw_publish(mosquitto, topic, body)
+    _raw_publish(mosquitto, topic, body)
+    rec.wait_for(lambda m: any(p["state"] == "SUCCEEDED" for _, p, _, _ in m))
+    # A late duplicate gets the latest status re-published, and the job does not run again.
+    n = len(rec.messages)
+    _raw_publish(mosquitto, topic, body)
+    rec.wait_for(lambda m: len(m) > n)
+    assert rec.messages[-1][1]["state"] == "SUCCEEDED"
+    time.sleep(1.0)
+    starts = [p for _, p, _, _ in rec.messages if p["state"] == "IN_PROGRESS" and p.get("progress") is None]
+    assert len(starts) == 1, "the job ran exactly once"
+    assert agent.log().count("job dup-1 (debug.sleep) started") == 1
+    assert agent.log().count("duplicate request for job dup-1") == 2
+    rec.close()
+
+
+def test_outbox_survives_restart_while_broker_down(agents, mosquitto):
+    """Statuses produced while the broker is away are kept on disk through an agent restart and sent later."""
+    agent = agents("node-x", jobs={"workers": 1})
+    with controller(mosquitto) as ctl:
+        job = ctl.submit("debug.sleep", {"seconds": 2.0, "steps": 4}, node="node-x", job_id="ob-1")
+        _wait_states(agent, [job], {"IN_PROGRESS"})
+    mosquitto.kill()
+    _wait_states(agent, [job], {"SUCCEEDED"}, timeout=20)
+    agent.stop()
+    depth = json.loads(agent.cli("status", "--json").stdout)["outbox_depth"]
+    assert depth >= 2, "the final result and status wait in the outbox"
+    agent.start(wait_online=False)
+    time.sleep(1.0)
+    mosquitto.start()
+    agent.wait_log("connected to MQTT broker", count=2, timeout=30)
+    rec = Recorder(mosquitto, "cvw/v1/nodes/node-x/jobs/ob-1/status")
+    rec.wait_for(lambda m: any(p["state"] == "SUCCEEDED" for _, p, _, _ in m), timeout=30)
+    rec.close()
+    deadline = time.monotonic() + 10
+    while json.loads(agent.cli("status", "--json").stdout)["outbox_depth"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert json.loads(agent.cli("status", "--json").stdout)["outbox_depth"] == 0
+    # Once the old entries are gone, new ones still flow (their ids must not restart below the old ones).
+    with controller(mosquitto) as ctl:
+        assert ctl.wait(ctl.submit("node.info", node="node-x"), timeout=20).state == "SUCCEEDED"
+
+
+def test_reconnect_backoff_is_not_a_tight_loop(agents, mosquitto):
+    agent = agents("node-b2", mqtt={"reconnect_min_s": 0.5, "reconnect_max_s": 4.0})
+    mosquitto.kill()
+    time.sleep(8)
+    attempts = agent.log().count("cannot connect to")
+    # Full jitter between 0.5 s and a doubling cap: a handful of tries in 8 s, never hundreds.
+    assert 2 <= attempts <= 12, attempts
+    mosquitto.start()
+    agent.wait_log("connected to MQTT broker", count=2, timeout=30)
+
+
+def test_retention_prunes_finished_jobs_and_their_results(agents, mosquitto):
+    agent = agents("node-ret", jobs={"retention_count": 3})
+    with controller(mosquitto) as ctl:
+        ids = []
+        for _ in range(8):
+            # One after the other, so finish times (ms resolution) differ and "newest" is well defined.
+            ids.append(ctl.submit("node.info", node="node-ret"))
+            assert ctl.wait(ids[-1], timeout=20).state == "SUCCEEDED"
+            time.sleep(0.01)
+    assert len(agent.jobs()) == 8 and len(list((agent.state_dir / "results").iterdir())) == 8
+    agent.stop()
+    agent.start()  # pruning runs at start (and every minute, or sooner when far over the limit)
+    agent.wait_log("pruned 5 finished jobs")
+    deadline = time.monotonic() + 5
+    while len(agent.jobs()) != 3 and time.monotonic() < deadline:  # the commit follows the log line closely
+        time.sleep(0.05)
+    assert sorted(agent.jobs()) == sorted(ids[-3:])
+    assert sorted(p.stem for p in (agent.state_dir / "results").iterdir()) == sorted(ids[-3:])
