@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["agent*", "accelerators*", "models*", "provisioning*"]),
-    package_data={"agent": ["VERSION"]},
+    package_data={"agent": ["VERSION"], "agent.httpapi": ["static/*"]},
     install_requires=[
         "paho-mqtt>=2.1,<3",
         "pydantic>=2.6,<3",
@@ -27,6 +27,11 @@ setup(
         "opencv-python-headless>=4.8",
         "numpy>=1.24",
         "rich>=13",
+        # The local HTTP API and web console (agent/httpapi/); imported only when [http] is enabled.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "openvino": ["openvino>=2024.0"],
@@ -42,6 +47,8 @@ setup(
             "cryptography>=42",
             "scikit-image>=0.22",
             "py-spy>=0.3",
+            "schemathesis>=4,<5",
+            "selenium>=4.20",
         ],
     },
     entry_points={"console_scripts": ["cv-worker = agent.cli:main"]},

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from accelerators.config import AcceleratorsConfig
+from agent.httpapi.config import HttpConfig
 from agent.inference.config import InferenceConfig
 from agent.streams.config import StatsConfig, StreamConfig
 from models.config import ModelsConfig
@@ -214,6 +215,7 @@ class AgentConfig(BaseSettings):
         "params of `stream.start`; see docs/streams.md).")
     stats: StatsConfig = Field(default_factory=StatsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     @field_validator("node_id")
     @classmethod
@@ -298,4 +300,9 @@ def load_config(path: Optional[str | Path] = None) -> AgentConfig:
         p = getattr(cfg.mqtt, name)
         if p is not None and not p.is_file():
             raise ConfigError(source, [(f"mqtt.{name}", f"no such file: {p}")])
+    if cfg.http.enabled:
+        for name in ("token_file", "tls_cert", "tls_key"):
+            p = getattr(cfg.http, name)
+            if p is not None and not p.is_file():
+                raise ConfigError(source, [(f"http.{name}", f"no such file: {p}")])
     return cfg

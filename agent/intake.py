@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from agent.engine import encode_correlation
 from agent.jobs import registry
+from agent.jobs.base import JobHandler
 from agent.mqtt import valid_publish_topic
 from agent.protocol import ErrorCode, ErrorInfo, JobRequest, JobState, NodeError, is_safe_job_id, now
 
@@ -38,6 +39,16 @@ def describe_validation_error(e: ValidationError, what: str) -> str:
         parts.append(f"{loc}: {err['msg']}")
     more = f" (and {len(e.errors()) - 10} more)" if len(e.errors()) > 10 else ""
     return f"invalid {what}: " + "; ".join(parts) + more
+
+
+class RequestRefused(Exception):
+    """A request that cannot become a job: ``code`` is the protocol's error code."""
+
+    def __init__(self, code: ErrorCode, message: str, job_type: str = "unknown"):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.job_type = job_type
 
 
 class Intake:
@@ -136,44 +147,70 @@ class Intake:
             engine.republish(existing, response)
             return None
 
-        def reject(code: ErrorCode, message: str, job_type: str = "unknown") -> None:
-            self.rejected += 1
-            engine.reject(job_id, job_type, ErrorInfo(code=code.value, message=message), response)
-
-        limit = self.node.config.jobs.max_payload_bytes
-        if len(msg.payload) > limit:
-            reject(ErrorCode.payload_too_large,
-                   f"payload is {len(msg.payload)} bytes; this node accepts at most {limit} (jobs.max_payload_bytes)")
-            return None
         try:
-            data = json.loads(msg.payload)
+            req, handler_cls = self.check_request(job_id, msg.payload, "the topic",
+                                                  self.node.config.jobs.max_payload_bytes)
+        except RequestRefused as e:
+            self.rejected += 1
+            engine.reject(job_id, e.job_type, ErrorInfo(code=e.code.value, message=e.message), response)
+            return None
+        self.accepted += 1
+        return engine.accept(job_id, req, handler_cls, pool, response)
+
+    def check_request(self, job_id: str, payload: bytes, id_from: str,
+                      limit: Optional[int]) -> tuple[JobRequest, type[JobHandler]]:
+        """Validate one request payload for ``job_id`` (taken from ``id_from``: "the topic", "the request"...);
+        raises RequestRefused with the protocol's error code. Shared by MQTT and the HTTP API, so both refuse alike.
+        ``limit``: the largest payload (None: the caller limited it already)."""
+        if limit is not None and len(payload) > limit:
+            raise RequestRefused(ErrorCode.payload_too_large, f"payload is {len(payload)} bytes; this node accepts "
+                                 f"at most {limit} (jobs.max_payload_bytes)")
+        try:
+            data = json.loads(payload)
         except (ValueError, RecursionError) as e:
-            reject(ErrorCode.invalid_json, f"payload is not valid UTF-8 JSON: {str(e)[:200]}")
-            return None
+            raise RequestRefused(ErrorCode.invalid_json, f"payload is not valid UTF-8 JSON: {str(e)[:200]}") from None
         if not isinstance(data, dict):
-            reject(ErrorCode.invalid_request, f"payload must be a JSON object, got {type(data).__name__}")
-            return None
+            raise RequestRefused(ErrorCode.invalid_request,
+                                 f"payload must be a JSON object, got {type(data).__name__}")
         raw_type = data.get("type")
         job_type = raw_type if isinstance(raw_type, str) and 0 < len(raw_type) <= 64 else "unknown"
         try:
             req = JobRequest.model_validate(data)
         except ValidationError as e:
-            reject(ErrorCode.invalid_request, describe_validation_error(e, "request"), job_type)
-            return None
+            raise RequestRefused(ErrorCode.invalid_request, describe_validation_error(e, "request"), job_type) from None
         if req.job_id is not None and req.job_id != job_id:
-            reject(ErrorCode.job_id_mismatch,
-                   f"job_id {req.job_id[:200]!r} in the payload differs from {job_id!r} in the topic", job_type)
-            return None
+            raise RequestRefused(ErrorCode.job_id_mismatch, f"job_id {req.job_id[:200]!r} in the payload differs "
+                                 f"from {job_id!r} in {id_from}", job_type)
         handler_cls = registry.get(req.type) if self.node.accepts(req.type) else None
         if handler_cls is None:
-            reject(ErrorCode.unknown_job_type,
-                   f"unknown job type {req.type[:64]!r}; this node accepts: {', '.join(self.node.capabilities())}",
-                   job_type)
-            return None
+            raise RequestRefused(ErrorCode.unknown_job_type, f"unknown job type {req.type[:64]!r}; this node "
+                                 f"accepts: {', '.join(self.node.capabilities())}", job_type)
         try:
             handler_cls.params_model.model_validate(req.params)
         except ValidationError as e:
-            reject(ErrorCode.invalid_params, describe_validation_error(e, f"params for {req.type}"), job_type)
-            return None
-        self.accepted += 1
-        return engine.accept(job_id, req, handler_cls, pool, response)
+            raise RequestRefused(ErrorCode.invalid_params, describe_validation_error(e, f"params for {req.type}"),
+                                 job_type) from None
+        return req, handler_cls
+
+    def submit_local(self, job_id: str, payload: bytes, source: str) -> tuple[dict[str, Any], bool]:
+        """A request that did not come over MQTT (the HTTP API): validated like an MQTT one, recorded and announced
+        on the job's MQTT status topic in the same way, durable before this returns. Returns the job and whether
+        it is new (False: a job with this id exists and is returned as it is, like a duplicate MQTT request).
+        Raises RequestRefused; a refused local request is answered to its caller and not recorded."""
+        state = self.node.state
+        with state.transaction():
+            existing = state.get_job(job_id)
+            if existing is not None and existing["state"] != JobState.REJECTED.value:
+                return existing, False
+            try:
+                # The HTTP server limits request bodies itself ([http] max_body_bytes, inference.max_image_bytes).
+                req, handler_cls = self.check_request(job_id, payload, "the request", None)
+            except RequestRefused as e:
+                self.rejected += 1
+                log.warning("%s request for job %s refused: %s: %s", source, job_id, e.code.value, e.message)
+                raise
+            job = self.node.engine.accept(job_id, req, handler_cls, None, None, source=source)
+            self.accepted += 1
+        state.wait_durable()
+        self.node.engine.dispatch(job)
+        return job, True

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
 
@@ -29,6 +29,9 @@ from agent.stats import StatsPublisher
 from agent.streams.manager import StreamManager
 from models.runtime import ModelManager
 from models.store import ModelStore
+
+if TYPE_CHECKING:
+    from agent.httpapi.service import HttpService
 
 log = logging.getLogger("cv_worker")
 
@@ -53,6 +56,11 @@ class Node:
         self.advertiser: Optional[Advertiser] = None
         self.streams = StreamManager(self)
         self.stats = StatsPublisher(self)
+        self.http: Optional["HttpService"] = None
+        if config.http.enabled:
+            from agent.httpapi.service import HttpService  # stdlib only; FastAPI loads on the server's thread
+
+            self.http = HttpService(self)
         registry.load_builtin()
 
     # -- identity -----------------------------------------------------------------------------------------
@@ -118,6 +126,8 @@ class Node:
     def job_finished(self, job: dict[str, Any]) -> None:
         if job["type"] in ("model.deploy", "model.remove") and job["state"] == JobState.SUCCEEDED.value:
             self.announce_change()
+        if self.http is not None:
+            self.http.job_finished(job)
 
     def node_status(self, state: str) -> NodeStatus:
         return NodeStatus(
@@ -142,6 +152,7 @@ class Node:
             "jobs": {"by_state": counts, "running": self.engine.running_ids(), "queued": self.engine.queue_depth(),
                      "workers": self.config.jobs.workers},
             "outbox": {"depth": self.outbox.depth(), "refused": self.outbox.refused},
+            "http": self.http.describe() if self.http is not None else {"enabled": False},
         }
 
     def publish_birth(self) -> None:
@@ -217,9 +228,10 @@ class Node:
         self.streams.start_all()  # config-declared and persisted streams resume without any controller action
         self.stats.start()
         threading.Thread(target=self._detect_accelerators, name="detect", daemon=True).start()
+        http_port = self.http.start() if self.http is not None else None  # None: not listening (logged why)
         self.advertiser = Advertiser.from_config(
             self.config, mqtt_endpoint=format_endpoint(host, port), models=[m["name"] for m in self.models()],
-            caps=self.capabilities(),
+            caps=self.capabilities(), http_port=http_port,
             on_conflict=lambda c: log.warning("mDNS name conflict: %s", c))
         self.advertiser.start()
         log.info("cv-worker %s node %s started (state in %s, broker %s:%d, %d workers, pools: %s)", __version__,
@@ -230,6 +242,8 @@ class Node:
         log.info("stopping: finishing in-flight work")
         self._notify(stopping=True, status="stopping")
         self.stats.stop()
+        if self.http is not None:
+            self.http.stop()  # no new HTTP jobs while the engine winds down
         self.streams.close()  # before the outbox drains: the streams' last events go out with it
         self.intake.stop()
         self.engine.stop()

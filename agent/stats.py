@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from agent.streams.messages import ModelStats, NodeStats
 from agent.streams.metrics import Rate, Samples
@@ -34,8 +34,24 @@ class ModelMetrics:
         self._lat: dict[str, Samples] = {}
         self._rate: dict[str, Rate] = {}
         self._busy: dict[str, collections.deque[tuple[float, float]]] = {}
+        self._listeners: list[Callable[[str, str, float], None]] = []
 
-    def record(self, model: str, ms: float) -> None:
+    def add_listener(self, fn: Callable[[str, str, float], None]) -> None:
+        """``fn(model, backend, ms)`` after every recorded inference, on the inferring thread (e.g. the HTTP API's
+        Prometheus histograms); keep it short."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[str, str, float], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def record(self, model: str, ms: float, backend: Optional[str] = None) -> None:
+        """One inference of ``model`` that took ``ms`` in the runtime (``backend``: litert, openvino...)."""
+        for fn in list(self._listeners):
+            try:
+                fn(model, backend or "unknown", ms)
+            except Exception:  # metrics must never fail an inference
+                log.exception("model metrics listener failed")
         now = time.monotonic()
         with self._lock:
             if model not in self._lat:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from agent.inference.config import InferenceConfig
 from agent.inference.params import ImageItem, InferParams, ItemResult
 from agent.inference.sources import ItemFailure, fetch
+from agent.stats import MODEL_METRICS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -158,6 +159,7 @@ class Predictor:
 
         x = prep.tensor
         res = self.pipeline.model.infer({self.input_name: x} if self.input_name else x)
+        MODEL_METRICS.record(self.pipeline.manifest.name, res.infer_ms, backend=res.backend)
         dec = decode(self.decoder_spec, res.outputs, prep.transform, self.pipeline.labels)
         p = self.params
         dets = [d for d in dec.detections if self._keep(d.label, d.score)]

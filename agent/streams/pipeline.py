@@ -207,7 +207,7 @@ class Stream:
             return None, 0.0
         ms = (time.perf_counter() - t0) * 1000
         self._model_error = None
-        MODEL_METRICS.record(spec.model, ms)
+        MODEL_METRICS.record(spec.model, pred.timing_ms.get("infer", ms), backend=pred.backend)
         out = []
         for d in pred.detections:
             if spec.threshold is not None and d.score < spec.threshold:
@@ -261,6 +261,11 @@ class Stream:
                        detections=json.dumps(dets, separators=(",", ":")))
         link.client.publish(self.topic_snapshot, jpeg, qos=1, retain=True, properties=props)
         return {"topic": self.topic_snapshot, "bytes": len(jpeg), "frame": frame_no, "detections": dets}
+
+    def latest(self) -> Optional[tuple[np.ndarray, list[dict[str, Any]], int, float]]:
+        """The latest processed frame, its detections, frame number and wall time (the HTTP live view reads it)."""
+        with self._last_lock:
+            return self._last
 
     def snapshot_now(self) -> Optional[dict[str, Any]]:
         """Publish the latest processed frame (on request); None when no frame was processed yet."""
