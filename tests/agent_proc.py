@@ -56,6 +56,8 @@ class AgentProc:
                      "keepalive": 10},
             "jobs": {"enable_debug_jobs": True, "progress_interval_s": 0.1},
             "discovery": {"enabled": False},
+            # Tests that want the HTTP API enable it on a free port (tests/http); the default port would collide.
+            "http": {"enabled": False},
         }
         for key, value in overrides.items():
             if isinstance(value, dict):

@@ -551,8 +551,10 @@ def create_app(node: "Node", service: "HttpService") -> FastAPI:
             raise ProblemError("not_ready", f"stream {stream_id} has not processed a frame yet (state: {s.state}); "
                                "try again in a moment")
         jpeg = await run_in_threadpool(render, latest, width, quality)
-        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store",
-                                                               "X-Frame": str(latest[2])})
+        # The boxes drawn, as data too (like the MQTT snapshot's `detections` user property).
+        return Response(jpeg, media_type="image/jpeg", headers={
+            "Cache-Control": "no-store", "X-Frame": str(latest[2]),
+            "X-Detections": json.dumps(latest[1], separators=(",", ":"))})
 
     @api.get("/streams/{stream_id}/mjpeg", summary="Live annotated view (MJPEG)",
              responses={200: {"content": {"multipart/x-mixed-replace": {}}, "description": "One JPEG part per "
