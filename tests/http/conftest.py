@@ -36,8 +36,8 @@ class Api:
     def __init__(self, base: str, token: Optional[str], verify: Any = True):
         self.base = base.rstrip("/")
         self.token = token
+        self.verify = verify
         self.s = requests.Session()
-        self.s.verify = verify
 
     def headers(self, token: Optional[str] = "default") -> dict[str, str]:
         tok = self.token if token == "default" else token
@@ -46,6 +46,7 @@ class Api:
     def request(self, method: str, path: str, token: Optional[str] = "default", **kw: Any) -> requests.Response:
         headers = {**self.headers(token), **kw.pop("headers", {})}
         kw.setdefault("timeout", 60)
+        kw.setdefault("verify", self.verify)  # per request: REQUESTS_CA_BUNDLE would override a session's
         return self.s.request(method, self.base + path, headers=headers, **kw)
 
     def get(self, path: str, **kw: Any) -> requests.Response:
