@@ -5,7 +5,8 @@ Starts a private mosquitto on a free loopback port (unless CV_WORKER_MQTT__HOST 
 then plays fleet controller with `cv-worker submit`: asks the node about itself, deploys the BlazeFace face
 detector from the offline catalog (download progress, sha256 check, smoke inference, hot swap), runs a real
 batch of the scikit-image demo pictures through it (`infer` with `annotate`), prints a table of the detections
-per image and writes the annotated images to demo-out/annotated/, and shows the node's jobs. Everything is stopped
+per image and writes the annotated images to demo-out/annotated/, asks the node's HTTP API for one prediction (as
+`curl -F image=@... /v1/predict/blazeface?wait=true` would), and shows the node's jobs. Everything is stopped
 cleanly at the end; the node's state stays in demo-out/ for a look.
 """
 
@@ -88,6 +89,34 @@ def run_batch() -> None:
     print(f"annotated images written to {annotated}/")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_predict(http_port: int) -> None:
+    """The same node over its local HTTP API: one upload, the answer with the box (docs/http.md)."""
+    import requests
+
+    base = f"http://127.0.0.1:{http_port}"
+    token = (OUT / "state" / "http-token").read_text().strip()
+    image = OUT / "images" / "astronaut.jpg"
+    print(f"$ curl -H 'Authorization: Bearer <token>' -F image=@{image.name} '{base}/v1/predict/blazeface?wait=true'")
+    with open(image, "rb") as f:
+        r = requests.post(f"{base}/v1/predict/blazeface", params={"wait": "true"}, files={"image": f},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    body = r.json()
+    if r.status_code != 200:
+        raise SystemExit(f"HTTP {r.status_code}: {body}")
+    for d in body["image"]["detections"]:
+        print(f"  {d['label']} {d['score']:.2f} at {', '.join(str(round(v)) for v in d['box'])} "
+              f"(job {body['job_id']}, {body['backend']}:{body['device']})")
+    print(f"web console (while the agent runs): {base}/ with the token in {OUT / 'state' / 'http-token'}")
+
+
 def main() -> int:
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -100,10 +129,11 @@ def main() -> int:
         broker = Mosquitto(Path(tempfile.mkdtemp(prefix="cvw-demo-broker-")), save_every_change=False).start()
         host, port = broker.host, broker.port
         print(f"mosquitto listening on {host}:{port}")
+    http_port = free_port()
     (OUT / "config.toml").write_text(
         f'node_id = "demo-node"\nstate_dir = "{OUT / "state"}"\n\n[mqtt]\nhost = "{host}"\nport = {port}\n\n'
         f'[discovery]\nenabled = false\n\n[inference]\ninput_dirs = ["{OUT / "images"}"]\n'
-        f'outputs_dir = "{OUT / "outputs"}"\n'
+        f'outputs_dir = "{OUT / "outputs"}"\n\n[http]\nbind = "127.0.0.1"\nport = {http_port}\n'
     )
     write_demo_images(OUT / "images")
     say("checking the configuration")
@@ -125,6 +155,8 @@ def main() -> int:
         run("submit", "model.deploy", "--node", "demo-node", "--param", "source=blazeface", "--wait")
         say("a batch of images through BlazeFace: infer, with the results drawn on copies (annotate)")
         run_batch()
+        say("the same node over HTTP: one image through its local API")
+        http_predict(http_port)
         say("what the node has now")
         run("models", "list")
         run("accelerators", check=False)
