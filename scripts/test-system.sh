@@ -95,6 +95,8 @@ git ls-files -z -co --exclude-standard | xargs -0 -I{} cp --parents -P {} "$WORK
   || { cat "$WORK/wheel.log" >&2; die "building the wheel failed"; }
 WHEEL=$(ls "$WORK"/dist/cv_worker-*.whl)
 mkdir -p "$CACHE/wheels"
+# pip download reuses a same-named file already in -d, and so would resolve the dependencies of a stale wheel.
+rm -f "$CACHE"/wheels/cv_worker-*.whl
 log "downloading its dependencies into $CACHE/wheels (PyPI, cached)"
 .venv/bin/pip download -q -d "$CACHE/wheels" "$WHEEL" > "$WORK/download.log" 2>&1 \
   || { cat "$WORK/download.log" >&2; die "pip download of the dependencies failed"; }
