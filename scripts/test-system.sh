@@ -105,6 +105,7 @@ cp -l "$CACHE"/wheels/*.whl "$ROOT/var/cache/cvw-wheels/" 2>/dev/null || cp "$CA
 rm -f "$ROOT"/var/cache/cvw-wheels/cv_worker-*.whl   # the role copies the fresh one itself
 
 # --- 2. the playbook, through the chroot connection ----------------------------------------------------
+HTTP_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 cat > "$WORK/inventory.yml" <<INV
 all:
   children:
@@ -122,6 +123,8 @@ all:
           cv_worker_mqtt_port: 1883
           cv_worker_discovery_enabled: false
           cv_worker_service_start: false
+          cv_worker_http_port: 8780
+          cv_worker_http_token: "$HTTP_TOKEN"
 INV
 playbook() {  # playbook LOGFILE
   ANSIBLE_NOCOLOR=1 ANSIBLE_RETRY_FILES_ENABLED=0 ANSIBLE_HOST_KEY_CHECKING=0 \
@@ -186,6 +189,25 @@ if out=$(inside "$CVW" submit node.info --node "$NODE_ID" --job-id "$JOB" --wait
 else
   echo "$out" >&2
   record "job over MQTT (node.info)" FAIL "job $JOB did not succeed (output above)"
+fi
+
+# The HTTP API from inside the booted system: liveness without a token, node info only with the provisioned one.
+http_get() {  # http_get PATH [TOKEN] -> prints the status code
+  inside /opt/cv-worker/venv/bin/python -c '
+import sys, urllib.request, urllib.error
+req = urllib.request.Request("http://127.0.0.1:8780" + sys.argv[1])
+if len(sys.argv) > 2: req.add_header("Authorization", "Bearer " + sys.argv[2])
+try: print(urllib.request.urlopen(req, timeout=10).status)
+except urllib.error.HTTPError as e: print(e.code)
+except OSError as e: print("error", e)' "$@"
+}
+healthz_ok() { [ "$(http_get /healthz)" = 200 ]; }
+wait_for 30 healthz_ok || true
+h=$(http_get /healthz); n=$(http_get /v1/node "$HTTP_TOKEN"); u=$(http_get /v1/node)
+if [ "$h" = 200 ] && [ "$n" = 200 ] && [ "$u" = 401 ]; then
+  record "HTTP API (port 8780)" PASS "/healthz $h, /v1/node with the Ansible token $n, without $u"
+else
+  record "HTTP API (port 8780)" FAIL "/healthz $h, /v1/node with token $n (want 200), without $u (want 401)"
 fi
 
 sleep 1  # journald receives asynchronously
