@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -246,6 +247,7 @@ def cmd_status(args: argparse.Namespace, cfg: AgentConfig) -> int:
         "broker": runtime.get("mqtt"), "connected": runtime.get("connected") if alive else False,
         "running": [{"job_id": j["job_id"], "type": j["type"], "progress": j.get("progress")} for j in running],
         "queued": len(queued), "outbox_depth": state.outbox_len() if state else 0, "state_dir": str(cfg.state_dir),
+        "http": _http_url(cfg) if cfg.http.enabled else None,
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -259,7 +261,19 @@ def cmd_status(args: argparse.Namespace, cfg: AgentConfig) -> int:
         p = f"{j['progress'] * 100:.0f}%" if j["progress"] is not None else "…"
         console.print(f"  running {j['job_id']} ({j['type']}) {p}")
     console.print(f"{info['queued']} queued, {len(running)} running, outbox {info['outbox_depth']} message(s)")
+    if info["http"]:
+        token = cfg.http.resolve_token_file(cfg.state_dir)
+        console.print(f"web console and HTTP API: {info['http']} (bearer token in {token})")
     return EXIT_OK
+
+
+def _http_url(cfg: AgentConfig) -> str:
+    host = cfg.http.bind
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if cfg.http.tls else 'http'}://{host}:{cfg.http.port}/"
 
 
 # -- config, schema -----------------------------------------------------------------------------------------
