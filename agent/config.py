@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from accelerators.config import AcceleratorsConfig
 from agent.inference.config import InferenceConfig
 from agent.streams.config import StatsConfig, StreamConfig
+from agent.trainer.config import TrainConfig, TrainerConfig
 from models.config import ModelsConfig
 
 if sys.version_info >= (3, 11):
@@ -214,6 +215,8 @@ class AgentConfig(BaseSettings):
         "params of `stream.start`; see docs/streams.md).")
     stats: StatsConfig = Field(default_factory=StatsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
     @field_validator("node_id")
     @classmethod

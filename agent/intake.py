@@ -164,7 +164,7 @@ class Intake:
             reject(ErrorCode.job_id_mismatch,
                    f"job_id {req.job_id[:200]!r} in the payload differs from {job_id!r} in the topic", job_type)
             return None
-        handler_cls = registry.get(req.type) if self.node.accepts(req.type) else None
+        handler_cls = registry.get(req.type, self.node.realm) if self.node.accepts(req.type) else None
         if handler_cls is None:
             reject(ErrorCode.unknown_job_type,
                    f"unknown job type {req.type[:64]!r}; this node accepts: {', '.join(self.node.capabilities())}",
