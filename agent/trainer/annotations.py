@@ -244,8 +244,10 @@ def parse_csv(text: str, source: str) -> list[tuple[int, str, float, float, floa
     else:
         shown = ",".join(c.strip() for c in first)[:200]
         if len(first) != 6:
-            raise AnnotationError(source, [(first_line, f"unknown column layout: {len(first)} columns ({shown}); "
-                                            f"expected {EXPECTED}")])
+            hint = next((f" (is the file separated by {d!r}? use commas)" for d in (";", "\t", "|")
+                         if len(first) == 1 and d in first[0]), "")
+            raise AnnotationError(source, [(first_line, f"unknown column layout: {len(first)} columns ({shown})"
+                                            f"{hint}; expected {EXPECTED}")])
         try:
             float(first[1])
         except ValueError:

@@ -80,6 +80,8 @@ class TrainProgress(BaseModel):
 
 
 class TrainedModel(BaseModel):
+    """The `model` of a `train` job's final result (and of its last status and POST): the finished package."""
+
     name: str
     version: str
     url: str = Field(description="Where the package (.tar.gz) is: the PUT target, or the peer's artifact server.")
