@@ -80,7 +80,8 @@ class Offload:
 
     def run(self) -> dict[str, Any]:
         if self.trained is None:  # else training finished before a restart: only the deploy is left
-            with self._connect() as client:
+            client = self._connect()
+            try:
                 if self.target is None:
                     self.target = self._choose_peer(client)
                 self._checkpoint()
@@ -88,6 +89,8 @@ class Offload:
                 self._send(client)
                 self.trained = self._follow(client)
                 self._checkpoint()
+            finally:
+                client.close()
         model = self.trained["model"]
         result: dict[str, Any] = {"model": model, "trained_on": self.peer, "peer_job_id": self.peer_job,
                                   "metrics": self.trained.get("metrics"), "device": self.trained.get("device")}

@@ -147,7 +147,9 @@ def make_trainer(workdir: Path, broker: Mosquitto, peer_id: str, data: Path, **o
     cfg: dict[str, Any] = {
         "mqtt": {"topic_prefix": PREFIX, "keepalive": 5, "will_delay_s": 0},
         "trainer": {"peer_id": peer_id, "state_dir": str(workdir / "state"), "data_dirs": [str(data)],
-                    "http_host": "127.0.0.1", "http_port": 0, "status_interval_s": 0.2, "threads": 2},
+                    "http_host": "127.0.0.1", "http_port": 0, "status_interval_s": 0.2,
+                    # One thread: on 2 shared cores a 2-thread training was once seen to take 46 s instead of 5.
+                    "threads": 1},
         "discovery": {"enabled": True, "interfaces": LO},
     }
     for k, v in overrides.items():

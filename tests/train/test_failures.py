@@ -135,3 +135,26 @@ def test_no_build_peer_answers(node: AgentProc, ctl) -> None:
                               node=node.node_id), timeout=30)
     assert out.state == "FAILED" and out.last["error"]["code"] == "build_peer_lost"
     assert "build peer nobody is not online (it never published a birth message)" in out.last["error"]["message"]
+
+
+def test_node_restart_resumes_following_and_deploys(tmp_path: Path, broker: Mosquitto, trainer: TrainerProc, ctl,
+                                                    digits: Digits) -> None:
+    """A node killed mid-training picks its train job up again after the restart: same peer job, then deploy."""
+    a = make_node(tmp_path / "edge-restart", broker, "edge-restart", digits.root,
+                  train={"build_peer": "build-1"}).start()
+    try:
+        jid = ctl.submit("train", {"annotations": "annotations.csv", "epochs": 12, "name": "resumed"},
+                         node=a.node_id)
+        _wait_details(ctl, jid, lambda s: (s["details"].get("epoch_current") or 0) >= 1)
+        a.kill()
+        a.start()
+        out = ctl.wait(jid, timeout=300)
+        assert out.state == "SUCCEEDED", out.last
+        assert any(s["details"].get("resumed") for s in out.statuses)
+        assert out.results[-1]["deployed"]["name"] == "resumed"
+        assert out.results[-1]["peer_job_id"] == f"edge-restart.{jid}"
+        # The peer ran the training once: the repeated request only made it publish its status again.
+        assert trainer.log().count(f"job edge-restart.{jid} (train) started") == 1
+        assert f"duplicate request for job edge-restart.{jid}" in trainer.log()
+    finally:
+        a.stop()
