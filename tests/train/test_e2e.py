@@ -105,3 +105,15 @@ def test_training_queue_takes_jobs_directly(trainer, ctl, http_server: HttpServe
     model = out.results[-1]["model"]
     assert model["url"] == model["artifact_url"]
     assert hashlib.sha256(requests.get(model["url"], timeout=10).content).hexdigest() == model["sha256"]
+
+
+def test_build_peer_answers_node_info_with_its_device_and_plugins(trainer, ctl) -> None:
+    from agent.trainer.topics import queue_request_topic
+
+    out = ctl.wait(ctl.submit("node.info", job_id="peer-info", topic=queue_request_topic(PREFIX, "peer-info",
+                                                                                            "build-1")), timeout=30)
+    assert out.state == "SUCCEEDED", out.last
+    info = out.results[-1]["info"]
+    assert info["node_id"] == "build-1" and info["capabilities"] == ["job.cancel", "job.result", "node.info", "train"]
+    assert info["trainer"]["plugins"] == ["classifier"] and info["trainer"]["device"] == "cpu"
+    assert info["accelerators"][0]["kind"] == "cpu" and info["trainer"]["artifacts"].startswith("http://127.0.0.1:")
