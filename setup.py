@@ -38,7 +38,9 @@ setup(
         "tflite": ["ai-edge-litert>=1.0; platform_machine!='armv7l'"],
         "camera": ["picamera2>=0.3.17; platform_machine=='aarch64' or platform_machine=='armv7l'"],
         "systemd": ["systemd-python>=235"],
-        "train": ["torch==2.13.0", "onnx>=1.16"],
+        # The build-system peer (`cv-worker trainer`): torch pinned (an unpinned torch pulls GBs of CUDA wheels),
+        # onnx for torch.onnx.export(dynamo=False), openvino to write the IR the nodes run.
+        "train": ["torch==2.13.0", "onnx>=1.16", "openvino>=2024.0"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -46,12 +48,17 @@ setup(
             "ruff>=0.5",
             "cryptography>=42",
             "scikit-image>=0.22",
+            "scikit-learn>=1.3",
             "py-spy>=0.3",
             "schemathesis>=4,<5",
             "selenium>=4.20",
         ],
     },
-    entry_points={"console_scripts": ["cv-worker = agent.cli:main"]},
+    entry_points={
+        "console_scripts": ["cv-worker = agent.cli:main"],
+        # Trainer plugins of build peers (docs/training.md); third-party packages add their own.
+        "cv_worker.trainer_plugins": ["classifier = agent.trainer.classifier:ClassifierPlugin"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX :: Linux",

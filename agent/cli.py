@@ -23,6 +23,7 @@ examples:
   cv-worker submit debug.sleep --pool p1 --param seconds=5 --wait
   cv-worker jobs --state FAILED                          jobs in this node's local state
   cv-worker config check                                 validate the config, print it with secrets masked
+  cv-worker trainer                                      run a build-system peer that trains for the nodes
 
 The config file is --config PATH, else $CV_WORKER_CONFIG, else /etc/cv-worker/config.toml; every field can be
 overridden by an environment variable CV_WORKER_<SECTION>__<FIELD> (e.g. CV_WORKER_MQTT__HOST=broker.lan).
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_parsers(sub, common)
     add_discover_parser(sub, [common])
     __import__("provisioning.cli").cli.add_parsers(sub, common)  # cv-worker provision (issue 7)
+    __import__("agent.trainer.cli").trainer.cli.add_parser(sub, common)  # cv-worker trainer (issue 8)
     return p
 
 

@@ -134,10 +134,12 @@ class Controller:
 
     def submit(self, job_type: str, params: Optional[dict[str, Any]] = None, node: Optional[str] = None,
                pool: Optional[str] = None, job_id: Optional[str] = None, timeout_s: Optional[float] = None,
-               priority: int = 0, raw_payload: Optional[bytes] = None) -> str:
-        """Publish a request (QoS 1) and wait for the broker's PUBACK. Returns the job id."""
+               priority: int = 0, raw_payload: Optional[bytes] = None, topic: Optional[str] = None) -> str:
+        """Publish a request (QoS 1) and wait for the broker's PUBACK. Returns the job id.
+
+        ``topic`` replaces the node/pool request topic (e.g. the training queue, see agent.trainer.topics)."""
         job_id = job_id or f"{job_type.replace('.', '-')}-{uuid.uuid4().hex[:12]}"
-        topic = self.request_topic(job_id, node, pool)
+        topic = topic or self.request_topic(job_id, node, pool)
         body: dict[str, Any] = {"type": job_type, "params": params or {}}
         if timeout_s is not None:
             body["timeout_s"] = timeout_s

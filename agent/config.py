@@ -22,6 +22,7 @@ from accelerators.config import AcceleratorsConfig
 from agent.httpapi.config import HttpConfig
 from agent.inference.config import InferenceConfig
 from agent.streams.config import StatsConfig, StreamConfig
+from agent.trainer.config import TrainConfig, TrainerConfig
 from models.config import ModelsConfig
 
 if sys.version_info >= (3, 11):
@@ -216,6 +217,8 @@ class AgentConfig(BaseSettings):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
     @field_validator("node_id")
     @classmethod

@@ -13,13 +13,25 @@ from agent.jobs import registry
 from agent.protocol import MESSAGE_MODELS, PROTOCOL_VERSION, ErrorCode, JobState
 
 
+def _trainer_models() -> dict[str, Any]:
+    from agent.trainer.messages import TrainedModel, TrainProgress
+
+    return {"TrainProgress": TrainProgress, "TrainedModel": TrainedModel}
+
+
 def all_schemas() -> dict[str, Any]:
     registry.load_builtin()
+    registry.load_trainer()
     schemas: dict[str, Any] = {name: model.model_json_schema() for name, model in MESSAGE_MODELS.items()}
     for job_type, handler in sorted(registry.handlers().items()):
         schema = handler.params_model.model_json_schema()
         schema["title"] = f"params of {job_type}"
         schemas[f"params/{job_type}"] = schema
+    schemas.update({name: model.model_json_schema() for name, model in _trainer_models().items()})
+    for job_type, handler in sorted(registry.handlers(registry.TRAINER).items()):
+        schema = handler.params_model.model_json_schema()
+        schema["title"] = f"params of {job_type} on a build peer"
+        schemas[f"trainer/params/{job_type}"] = schema
     return schemas
 
 
@@ -64,11 +76,20 @@ TOPICS = [
     ("`N/errors`", "node → controller", "1", "no", "NodeError: a request without a readable job id."),
     ("Response Topic of the request", "node → controller", "1", "no",
      "Every status and result of that job again, with the request's Correlation Data (MQTT 5 request/response)."),
+    ("`{prefix}/trainers/jobs/{job_id}/request`", "node or controller → one build peer", "1", "no",
+     "JobRequest for the training queue; build peers subscribe with `$share/{group}/...` so the broker balances."),
+    ("`{prefix}/trainers/peers/{peer_id}/jobs/{job_id}/request`", "node or controller → that build peer", "1", "no",
+     "JobRequest for one build peer by name."),
+    ("`{prefix}/trainers/jobs/{job_id}/status`, `.../result`", "build peer → all", "1", "status: yes",
+     "JobStatus (its `node_id` is the peer's id) and JobResult of a training job, whichever peer runs it."),
+    ("`{prefix}/trainers/peers/{peer_id}/status`, `.../errors`", "build peer → all", "1", "status: yes",
+     "NodeStatus birth/will of a build peer; NodeError for unreadable requests."),
 ]
 
 
 def protocol_markdown() -> str:
     registry.load_builtin()
+    registry.load_trainer()
     out = [
         "# cv-worker MQTT protocol",
         "",
@@ -136,6 +157,15 @@ def protocol_markdown() -> str:
         if job_type.startswith("debug."):
             out += ["Accepted only when `jobs.enable_debug_jobs = true`.", ""]
         out += ["Params:", "", _fields_table(handler.params_model.model_json_schema())]
+    out += ["## Build peers (training queue)", "",
+            "`cv-worker trainer` runs the same job engine and state machine on the `{prefix}/trainers/...` topics "
+            "above, with these job types (docs/training.md explains the training messages):", ""]
+    for job_type, handler in sorted(registry.handlers(registry.TRAINER).items()):
+        out += [f"### `{job_type}` (build peer)", "", handler.description or "", "",
+                "Params:", "", _fields_table(handler.params_model.model_json_schema())]
+    for name, model in _trainer_models().items():
+        out += [f"### {name}", "", (model.__doc__ or "").strip().replace("\n    ", "\n"), "",
+                _fields_table(model.model_json_schema())]
     out += ["## Example", "", "```sh", "mosquitto_pub -V mqttv5 -q 1 -t cvw/v1/nodes/pi-1/jobs/j-42/request \\",
             "  -m '{\"type\": \"node.info\"}'", "mosquitto_sub -V mqttv5 -t 'cvw/v1/nodes/pi-1/jobs/j-42/#' -v", "```",
             "", "Or `cv-worker submit node.info --node pi-1 --wait`.", ""]

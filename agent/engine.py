@@ -99,6 +99,7 @@ class JobEngine:
         self.node = node
         self.cfg = node.config.jobs
         self.state = node.state
+        self.realm: str = node.realm  # which job types this engine runs (see agent.jobs.registry)
         self._lock = threading.RLock()
         self._queue: "queue.PriorityQueue[tuple[int, int, str]]" = queue.PriorityQueue()
         self._control: "queue.Queue[Optional[str]]" = queue.Queue()
@@ -149,7 +150,7 @@ class JobEngine:
             if job["state"] == JobState.QUEUED.value:
                 self._enqueue(job)
             elif job["state"] == JobState.IN_PROGRESS.value:
-                handler_cls = registry.get(job["type"])
+                handler_cls = registry.get(job["type"], self.realm)
                 if handler_cls is None:
                     self._finish(job["job_id"], JobState.FAILED, ErrorInfo(
                         code=ErrorCode.unsupported.value,
@@ -246,7 +247,7 @@ class JobEngine:
         self._enqueue(job)
 
     def _enqueue(self, job: dict[str, Any]) -> None:
-        handler_cls = registry.get(job["type"])
+        handler_cls = registry.get(job["type"], self.realm)
         if handler_cls is not None and handler_cls.control:
             self._control.put(job["job_id"])
         else:
@@ -281,7 +282,7 @@ class JobEngine:
         job = self.state.get_job(job_id)
         if job is None or job["state"] not in ACTIVE:
             return False  # canceled while queued, or pruned
-        handler_cls = registry.get(job["type"])
+        handler_cls = registry.get(job["type"], self.realm)
         if handler_cls is None:
             self._finish(job_id, JobState.FAILED, ErrorInfo(code=ErrorCode.unknown_job_type.value,
                                                            message=f"no handler for job type {job['type']!r}"))

@@ -181,7 +181,7 @@ class Intake:
         if req.job_id is not None and req.job_id != job_id:
             raise RequestRefused(ErrorCode.job_id_mismatch, f"job_id {req.job_id[:200]!r} in the payload differs "
                                  f"from {job_id!r} in {id_from}", job_type)
-        handler_cls = registry.get(req.type) if self.node.accepts(req.type) else None
+        handler_cls = registry.get(req.type, self.node.realm) if self.node.accepts(req.type) else None
         if handler_cls is None:
             raise RequestRefused(ErrorCode.unknown_job_type, f"unknown job type {req.type[:64]!r}; this node "
                                  f"accepts: {', '.join(self.node.capabilities())}", job_type)

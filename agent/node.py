@@ -37,6 +37,8 @@ log = logging.getLogger("cv_worker")
 
 
 class Node:
+    realm = registry.NODE  # the job types this process runs (a build peer runs registry.TRAINER ones)
+
     def __init__(self, config: AgentConfig):
         self.config = config
         self.node_id = config.node_id

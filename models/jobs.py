@@ -59,6 +59,33 @@ def _job_error(e: Exception) -> JobError:
     return JobError("deploy_failed", f"{type(e).__name__}: {e}")
 
 
+def deploy_model(ctx: JobContext, source: str, sha256: Optional[str] = None, smoke: Optional[bool] = None,
+                 span: tuple[float, float] = (0.0, 1.0), phase_prefix: str = "") -> dict[str, Any]:
+    """``model.deploy`` for any job: download, sha256 check, atomic install, hot swap; progress is reported in
+    ``span`` of the job's progress with phases named ``{phase_prefix}{phase}``. Raises JobError on failure."""
+    lo, hi = span
+
+    def scaled(frac: Optional[float]) -> Optional[float]:
+        return None if frac is None else lo + (hi - lo) * frac
+
+    def progress(phase: str, done: int, total: Optional[int]) -> None:
+        ctx.check()  # a cancel or timeout stops the download; the staging directory is removed
+        frac = None
+        if phase == "download" and total:
+            frac = min(0.9, 0.9 * done / total)  # the last 10% are verify + load + smoke test
+        elif phase in ("verify", "install"):
+            frac = 0.9 if phase == "verify" else 0.95
+        ctx.progress(scaled(frac), phase=phase_prefix + phase, bytes=done, total_bytes=total)
+
+    ctx.progress(scaled(0.0), force=True, phase=phase_prefix + "start", source=source)
+    try:
+        result = _manager(ctx).deploy(source, progress=progress, sha256=sha256, smoke=smoke)
+    except (StoreError, ManifestError, UnsafePackage, CatalogError, ModelLoadError) as e:
+        raise _job_error(e) from None
+    ctx.progress(scaled(1.0), force=True, phase=phase_prefix + "done")
+    return result
+
+
 @register
 class ModelDeploy(JobHandler):
     type = "model.deploy"
@@ -68,23 +95,7 @@ class ModelDeploy(JobHandler):
 
     def run(self, ctx: JobContext) -> Optional[dict[str, Any]]:
         p: DeployParams = ctx.params
-
-        def progress(phase: str, done: int, total: Optional[int]) -> None:
-            ctx.check()  # a cancel or timeout stops the download; the staging directory is removed
-            frac = None
-            if phase == "download" and total:
-                frac = min(0.9, 0.9 * done / total)  # the last 10% are verify + load + smoke test
-            elif phase in ("verify", "install"):
-                frac = 0.9 if phase == "verify" else 0.95
-            ctx.progress(frac, phase=phase, bytes=done, total_bytes=total)
-
-        ctx.progress(0.0, force=True, phase="start", source=p.source)
-        try:
-            result = _manager(ctx).deploy(p.source, progress=progress, sha256=p.sha256, smoke=p.smoke_test)
-        except (StoreError, ManifestError, UnsafePackage, CatalogError, ModelLoadError) as e:
-            raise _job_error(e) from None
-        ctx.progress(1.0, force=True, phase="done")
-        return {"model": result}
+        return {"model": deploy_model(ctx, p.source, sha256=p.sha256, smoke=p.smoke_test)}
 
 
 @register

@@ -43,6 +43,8 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 class AgentProc:
     """One `cv-worker run` process with its own config and state directory."""
 
+    command = "run"  # the cv-worker subcommand this process runs
+
     def __init__(self, workdir: Path, broker: Mosquitto, node_id: str, **overrides: Any):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,7 @@ class AgentProc:
         env.pop("CV_WORKER_CONFIG", None)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
             stdout=log, stderr=log, cwd=REPO, env=env,
         )
         log.close()

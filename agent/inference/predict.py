@@ -149,6 +149,9 @@ class Predictor:
         # A lower threshold than the model's must reach the decoder, or those detections are already gone.
         if params.threshold is not None and hasattr(spec, "score_threshold"):
             spec = spec.model_copy(update={"score_threshold": params.threshold})
+        # Likewise a top_k above the model's default: the softmax decoder already cut its list to its own top_k.
+        if params.top_k is not None and hasattr(spec, "top_k"):
+            spec = spec.model_copy(update={"top_k": params.top_k})
         self.decoder_spec = spec
         self.input_name = pipeline.manifest.input.name
         self.classes = set(params.classes) if params.classes else None
