@@ -11,26 +11,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+from agent.protocol import Topics
 
-class TrainerTopics:
+
+class TrainerTopics(Topics):
     def __init__(self, prefix: str, peer_id: str, group: str = "trainers"):
-        self.prefix = prefix
-        self.node_id = peer_id
+        super().__init__(prefix, peer_id)
         self.group = group
         self.root = f"{prefix}/trainers"
-        self.node = f"{self.root}/peers/{peer_id}"
-
-    @property
-    def status(self) -> str:
-        return f"{self.node}/status"
-
-    @property
-    def errors(self) -> str:
-        return f"{self.node}/errors"
-
-    @property
-    def request_filter(self) -> str:
-        return f"{self.node}/jobs/+/request"
+        self.node = f"{self.root}/peers/{peer_id}"  # status, errors and request_filter derive from it
 
     @property
     def shared_request_filter(self) -> str:
