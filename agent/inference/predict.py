@@ -1,6 +1,7 @@
-"""One image through a loaded model, split in two halves so they can run on different threads:
-``prepare`` (bytes -> decoded image -> input tensor; in the decode workers) and ``infer`` (runtime + decoder +
-the request's filters; on the job's thread, which owns the model)."""
+"""One image through a loaded model, split in three parts so that they run on different threads:
+``prepare`` (bytes -> decoded image -> input tensor staged for the runtime; in the decode workers),
+``Predictor.run`` (the runtime alone; on the pipeline's inference thread) and ``Predictor.finish`` (output decoder
+and the request's filters; on the job's thread)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from agent.inference.sources import ItemFailure, fetch
 if TYPE_CHECKING:
     import numpy as np
 
+    from accelerators.base import InferenceResult, Inputs
     from models.preprocess import Transform
     from models.runtime import Pipeline
 
@@ -24,7 +26,7 @@ class Prepared:
     item: ImageItem
     width: int
     height: int
-    tensor: "np.ndarray"
+    tensor: Optional["Inputs"]  # the feed, staged for the runtime (LoadedModel.stage); dropped once inferred
     transform: "Transform"
     image: Optional["np.ndarray"]  # the decoded BGR image, kept only when the results are drawn on it
     fetch_ms: float
@@ -134,8 +136,10 @@ def prepare(item: ImageItem, pipeline: "Pipeline", cfg: InferenceConfig, keep_im
     rh, rw = img.shape[:2]
     if (rw, rh) != (ow, oh):  # decoded at reduced scale: map boxes back to the original size
         tf = Transform(tf.scale_x * rw / ow, tf.scale_y * rh / oh, tf.pad_x, tf.pad_y, ow, oh, tf.in_w, tf.in_h)
+    # The runtime's own layout conversion (OpenCV wants NCHW...) happens here too, not on the inference thread.
+    feed = pipeline.model.stage({spec.name: x} if spec.name else x)
     t2 = time.perf_counter()
-    return Prepared(item, ow, oh, x, tf, img if keep_image else None, (t1 - t0) * 1000, (t2 - t1) * 1000)
+    return Prepared(item, ow, oh, feed, tf, img if keep_image else None, (t1 - t0) * 1000, (t2 - t1) * 1000)
 
 
 class Predictor:
@@ -149,15 +153,31 @@ class Predictor:
         if params.threshold is not None and hasattr(spec, "score_threshold"):
             spec = spec.model_copy(update={"score_threshold": params.threshold})
         self.decoder_spec = spec
-        self.input_name = pipeline.manifest.input.name
         self.classes = set(params.classes) if params.classes else None
 
     def infer(self, prep: Prepared) -> tuple[ItemResult, Any]:
         """The item's result, and the decoded result (for drawing)."""
+        return self.finish(prep, self.run(prep))
+
+    def run(self, prep: Prepared) -> "InferenceResult":
+        """The runtime alone: all the inference thread does, so that it hardly ever waits for the GIL."""
+        return self.end(self.begin(prep))
+
+    def begin(self, prep: Prepared) -> Any:
+        """``run`` in two halves (``LoadedModel.begin``/``end``); the feed is released as soon as it is handed over."""
+        assert prep.tensor is not None, "prepared image already inferred"
+        pending = self.pipeline.model.begin(prep.tensor)
+        prep.tensor = None  # not needed any more: free it while the result waits for the job's thread
+        return pending
+
+    def end(self, pending: Any) -> "InferenceResult":
+        return self.pipeline.model.end(pending)
+
+    def finish(self, prep: Prepared, res: "InferenceResult") -> tuple[ItemResult, Any]:
+        """Output decoder and the request's filters on the runtime's outputs: the item's result, and the decoded
+        result (for drawing)."""
         from models.decoders import decode
 
-        x = prep.tensor
-        res = self.pipeline.model.infer({self.input_name: x} if self.input_name else x)
         dec = decode(self.decoder_spec, res.outputs, prep.transform, self.pipeline.labels)
         p = self.params
         dets = [d for d in dec.detections if self._keep(d.label, d.score)]

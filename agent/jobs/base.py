@@ -58,8 +58,15 @@ class JobContext(Protocol):
     def save_checkpoint(self, data: dict[str, Any]) -> None:
         """Durably record how far the job got; after a crash ``run`` gets it back as ``ctx.checkpoint``."""
 
-    def publish_result(self, payload: dict[str, Any], final: bool = False) -> None:
-        """Queue one result message (durable, in order); the engine adds ``job_id``, ``seq`` and ``final``."""
+    def publish_result(self, payload: dict[str, Any], final: bool = False,
+                       checkpoint: Optional[dict[str, Any]] = None, wait: bool = True) -> int:
+        """Queue one result message (durable, in order); the engine adds ``job_id``, ``seq`` and ``final``.
+
+        With ``checkpoint``, the message and the checkpoint reach disk in one transaction. ``wait`` false: return
+        before that, with a generation for ``wait_durable`` (a job overlaps its next work with the disk write)."""
+
+    def wait_durable(self, generation: int) -> None:
+        """Block until what ``publish_result(..., wait=False)`` stored is on disk."""
 
     def check(self) -> None:
         """Raise JobCanceled or JobTimedOut when the job must stop; cheap, call it between units of work."""
