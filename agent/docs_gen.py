@@ -20,6 +20,11 @@ def all_schemas() -> dict[str, Any]:
         schema = handler.params_model.model_json_schema()
         schema["title"] = f"params of {job_type}"
         schemas[f"params/{job_type}"] = schema
+        item_model = handler.result_item_model
+        if item_model is not None:
+            item = item_model.model_json_schema()
+            item["title"] = f"result item of {job_type}"
+            schemas[f"results/{job_type}-item"] = item
     return schemas
 
 
@@ -136,6 +141,9 @@ def protocol_markdown() -> str:
         if job_type.startswith("debug."):
             out += ["Accepted only when `jobs.enable_debug_jobs = true`.", ""]
         out += ["Params:", "", _fields_table(handler.params_model.model_json_schema())]
+        item_model = handler.result_item_model
+        if item_model is not None:
+            out += ["Each entry of a result chunk's `items`:", "", _fields_table(item_model.model_json_schema())]
     out += ["## Example", "", "```sh", "mosquitto_pub -V mqttv5 -q 1 -t cvw/v1/nodes/pi-1/jobs/j-42/request \\",
             "  -m '{\"type\": \"node.info\"}'", "mosquitto_sub -V mqttv5 -t 'cvw/v1/nodes/pi-1/jobs/j-42/#' -v", "```",
             "", "Or `cv-worker submit node.info --node pi-1 --wait`.", ""]

@@ -22,7 +22,7 @@ from agent.inference.annotate import draw, encode_jpeg
 from agent.inference.config import InferenceConfig
 from agent.inference.params import InferParams, ItemError, ItemResult
 from agent.inference.pipeline import Prefetch, Relay
-from agent.inference.predict import Predictor, Prepared, prepare
+from agent.inference.predict import Predictor, Prepared, mask_png, prepare
 from agent.inference.sources import ItemFailure
 from agent.inference.upload import UploadError, put
 from agent.jobs.base import JobContext, JobError
@@ -76,7 +76,7 @@ def shared_model(node: "Node", name: str, version: Optional[str]) -> Iterator["P
 class Stats:
     """Counters that survive a resume (they travel in the checkpoint)."""
 
-    FIELDS = ("next", "ok", "errors", "detections", "infer_ms", "chunks", "annotate_errors")
+    FIELDS = ("next", "ok", "errors", "detections", "infer_ms", "chunks", "annotate_errors", "masks", "mask_errors")
 
     def __init__(self, cp: Optional[dict[str, Any]]):
         cp = cp or {}
@@ -87,6 +87,8 @@ class Stats:
         self.infer_ms = float(cp.get("infer_ms", 0.0))
         self.chunks = int(cp.get("chunks", 0))
         self.annotate_errors = int(cp.get("annotate_errors", 0))
+        self.masks = int(cp.get("masks", 0))
+        self.mask_errors = int(cp.get("mask_errors", 0))
         self.error_codes: dict[str, int] = dict(cp.get("error_codes", {}))
 
     def checkpoint(self) -> dict[str, Any]:
@@ -103,6 +105,10 @@ class Stats:
             self.error_codes[r.error.code] = self.error_codes.get(r.error.code, 0) + 1
         if r.annotate_error:
             self.annotate_errors += 1
+        if r.mask_png:
+            self.masks += 1
+        if r.mask_png_error:
+            self.mask_errors += 1
 
 
 def _error_item(item_id: str, exc: BaseException) -> ItemResult:
@@ -178,19 +184,26 @@ class BatchRun:
                 code="inference_failed", message=f"{type(e).__name__}: {e}"))
         if self.p.annotate and got.image is not None:
             try:
-                res.annotated = self._save_annotated(item_id, encode_jpeg(draw(got.image, dec)))
+                res.annotated = self._save(f"annotated/{item_id}.jpg", encode_jpeg(draw(got.image, dec)), "image/jpeg")
             except (OSError, UploadError, ValueError) as e:
                 res.annotate_error = str(e)
+        if self.p.mask_png and dec.mask_map is not None:
+            try:
+                png = mask_png(dec, got.width, got.height)
+                if png is not None:
+                    res.mask_png = self._save(f"masks/{item_id}.png", png, "image/png")
+            except (OSError, UploadError, ValueError) as e:
+                res.mask_png_error = str(e)
         return res
 
-    def _save_annotated(self, item_id: str, jpeg: bytes) -> str:
-        name = f"annotated/{item_id}.jpg"
+    def _save(self, name: str, body: bytes, content_type: str) -> str:
+        """An output file of one image: PUT under ``upload_url``, else written under the job's outputs directory."""
         if self.p.upload_url:
-            return put(self.p.upload_url, name, jpeg, "image/jpeg", self.cfg)
+            return put(self.p.upload_url, name, body, content_type, self.cfg)
         path = self.out_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(jpeg)
+        tmp.write_bytes(body)
         os.replace(tmp, path)
         return str(path)
 
@@ -239,6 +252,9 @@ class BatchRun:
             result["resumed_from"] = self.resumed_from
         if p.annotate:
             result["annotate_errors"] = s.annotate_errors
+        if s.masks or s.mask_errors:
+            result["mask_pngs"] = s.masks
+            result["mask_png_errors"] = s.mask_errors
         if s.ok == 0:
             raise JobError("no_images_processed",
                            f"none of the {total} images could be processed ({_codes(s.error_codes)}); "

@@ -194,7 +194,7 @@ class Predictor:
             detections=[_detection(d) for d in dets] if (task == "detection" or dets) else None,
             classes=[{"label": c.label, "score": round(c.score, 5)} for c in classes] if task == "classification"
             else None,
-            mask=dec.mask.model_dump() if dec.mask is not None else None,
+            mask=_mask(dec),
             inference_ms=round(res.infer_ms, 3),
         )
         dec.detections = dets
@@ -204,6 +204,30 @@ class Predictor:
         if self.classes is not None and label not in self.classes:
             return False
         return self.params.threshold is None or score >= self.params.threshold
+
+
+def _mask(dec: Any) -> Optional[dict[str, Any]]:
+    if dec.mask is None:
+        return None
+    out = dec.mask.model_dump()
+    if dec.mask_map is not None:
+        out["png_kind"] = dec.mask_map.kind
+    return out
+
+
+def mask_png(dec: Any, width: int, height: int) -> Optional[bytes]:
+    """The decoded mask as an 8-bit PNG of the original image's size; None when the model gives no mask map."""
+    import cv2
+
+    m = dec.mask_map
+    if m is None:
+        return None
+    interp = cv2.INTER_NEAREST if m.kind == "class_ids" else cv2.INTER_LINEAR
+    pixels = cv2.resize(m.pixels, (width, height), interpolation=interp)
+    ok, buf = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
 
 
 def _detection(d: Any) -> dict[str, Any]:

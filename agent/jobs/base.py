@@ -80,6 +80,8 @@ class JobHandler(ABC):
 
     type: ClassVar[str]
     params_model: ClassVar[type[BaseModel]] = NoParams
+    # The model of one entry of a result chunk's `items`, for job types that stream items (documented by `make docs`).
+    result_item_model: ClassVar[Optional[type[BaseModel]]] = None
     description: ClassVar[str] = ""
     # Control jobs (info, cancel, config) run on their own lane so they answer while workers are busy.
     control: ClassVar[bool] = False
