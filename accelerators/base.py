@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
 
 
+class Staged(dict):  # type: ignore[type-arg]
+    """A feed already in the runtime's own layout and dtype (made by ``LoadedModel.stage``); ``infer`` takes it as
+    is. A marker type rather than a flag, so an ordinary feed can never be mistaken for a converted one."""
+
+
 class BackendError(Exception):
     """Loading or running a model failed; the message says what to do about it."""
 
@@ -90,6 +95,22 @@ class LoadedModel(ABC):
     @abstractmethod
     def infer(self, inputs: Inputs) -> InferenceResult:
         """Run one inference; ``inputs`` is one array (for the first input) or a name->array mapping."""
+
+    def stage(self, inputs: Inputs) -> Inputs:
+        """``inputs`` (in the model's contract: the layout and dtype its manifest declares) converted to what the
+        runtime consumes. Thread-safe and outside the runtime lock, so that a pipeline runs it in its decode
+        workers and the inference thread does nothing but infer. ``infer`` accepts both forms."""
+        return inputs
+
+    def begin(self, inputs: Inputs) -> Any:
+        """``infer`` in two halves for pipelines: ``end(begin(x))`` is ``infer(x)``. Between the two, the caller
+        hands the previous result on, so that the thread it wakes runs while this one is inside the runtime and
+        the GIL is free. A backend whose input hand-over releases the GIL (OpenCV's setInput) does it in ``begin``
+        and holds the model until ``end``; the default does everything in ``end``."""
+        return inputs
+
+    def end(self, pending: Any) -> InferenceResult:
+        return self.infer(pending)
 
     def infer_batch(self, batch: Sequence[Inputs]) -> list[InferenceResult]:
         """Run many independent inferences; backends with async queues override this for throughput."""

@@ -21,6 +21,7 @@ from accelerators.base import (
     InferenceResult,
     Inputs,
     LoadedModel,
+    Staged,
     TensorSpec,
     now_ms,
 )
@@ -46,19 +47,42 @@ class OpenCVModel(LoadedModel):
         # TFLite models take NHWC (as under LiteRT); OpenCV's TFLite importer wants NCHW, so transpose here.
         self._nhwc = nhwc_input
 
-    def infer(self, inputs: Inputs) -> InferenceResult:
+    def stage(self, inputs: Inputs) -> Staged:
+        if isinstance(inputs, Staged):
+            return inputs
         feed = self._as_feed(inputs)
-        with self._lock:
+        key = (lambda name: "") if len(feed) == 1 else (lambda name: name)
+        out = Staged()
+        for name, arr in feed.items():
+            if self._nhwc and arr.ndim == 4:
+                # The model's contract is NHWC (as in LiteRT); OpenCV's TFLite importer wants NCHW.
+                arr = arr.transpose(0, 3, 1, 2)
+            out[key(name)] = _contiguous(arr)
+        return out
+
+    def infer(self, inputs: Inputs) -> InferenceResult:
+        return self.end(self.begin(inputs))
+
+    def begin(self, inputs: Inputs) -> float:
+        # Converting here, under the lock, would serialise it with forward(); pipelines stage in their workers.
+        feed = self.stage(inputs)
+        self._lock.acquire()
+        try:
             t0 = now_ms()
             for name, arr in feed.items():
-                if self._nhwc and arr.ndim == 4:
-                    # The model's contract is NHWC (as in LiteRT); OpenCV's TFLite importer wants NCHW.
-                    arr = arr.transpose(0, 3, 1, 2)
-                self._net.setInput(_contiguous(arr), "" if len(feed) == 1 else name)
+                self._net.setInput(arr, name)
+        except BaseException:
+            self._lock.release()
+            raise
+        return t0
+
+    def end(self, pending: float) -> InferenceResult:
+        try:
             outs = self._net.forward(self._names)
-            result = dict(zip(self._names, outs))
-            dt = now_ms() - t0
-        return InferenceResult(result, dt, self.backend, self.device)
+            dt = now_ms() - pending
+        finally:
+            self._lock.release()
+        return InferenceResult(dict(zip(self._names, outs)), dt, self.backend, self.device)
 
     def close(self) -> None:
         self._net = None

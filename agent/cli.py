@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("job", parents=[common], formatter_class=fmt, help="show one job from local state",
                        description="Print one job's record (state, params, error, timestamps) as JSON.")
     s.add_argument("job_id")
-    s.add_argument("--result", action="store_true", help="print the job's stored result messages instead")
+    s.add_argument("--result", action="store_true", help="print the job's stored result messages instead (their "
+                   "items name the annotated images and mask PNGs written or uploaded for each image)")
     s.set_defaults(func=cmd_job)
 
     s = sub.add_parser("status", parents=[common], formatter_class=fmt, help="what the node is doing now",

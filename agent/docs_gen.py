@@ -27,6 +27,11 @@ def all_schemas() -> dict[str, Any]:
         schema = handler.params_model.model_json_schema()
         schema["title"] = f"params of {job_type}"
         schemas[f"params/{job_type}"] = schema
+        item_model = handler.result_item_model
+        if item_model is not None:
+            item = item_model.model_json_schema()
+            item["title"] = f"result item of {job_type}"
+            schemas[f"results/{job_type}-item"] = item
     schemas.update({name: model.model_json_schema() for name, model in _trainer_models().items()})
     for job_type, handler in sorted(registry.handlers(registry.TRAINER).items()):
         schema = handler.params_model.model_json_schema()
@@ -157,6 +162,9 @@ def protocol_markdown() -> str:
         if job_type.startswith("debug."):
             out += ["Accepted only when `jobs.enable_debug_jobs = true`.", ""]
         out += ["Params:", "", _fields_table(handler.params_model.model_json_schema())]
+        item_model = handler.result_item_model
+        if item_model is not None:
+            out += ["Each entry of a result chunk's `items`:", "", _fields_table(item_model.model_json_schema())]
     out += ["## Build peers (training queue)", "",
             "`cv-worker trainer` runs the same job engine and state machine on the `{prefix}/trainers/...` topics "
             "above, with these job types (docs/training.md explains the training messages):", ""]

@@ -89,9 +89,16 @@ class RunContext:
         self._engine._save_checkpoint(self._run, data)
 
     def publish_result(
-        self, payload: dict[str, Any], final: bool = False, checkpoint: Optional[dict[str, Any]] = None
-    ) -> None:
-        self._engine._publish_result(self._run, payload, final=final, checkpoint=checkpoint)
+        self, payload: dict[str, Any], final: bool = False, checkpoint: Optional[dict[str, Any]] = None,
+        wait: bool = True,
+    ) -> int:
+        """Store and queue one result message (with ``checkpoint`` in the same transaction). ``wait``: return once
+        it is on disk; otherwise return at once with the state generation to pass to ``wait_durable``."""
+        return self._engine._publish_result(self._run, payload, final=final, checkpoint=checkpoint, wait=wait)
+
+    def wait_durable(self, generation: int) -> None:
+        """Block until the state generation returned by ``publish_result(..., wait=False)`` is on disk."""
+        self._engine.state.wait_durable(generation)
 
 
 class JobEngine:
@@ -418,20 +425,22 @@ class JobEngine:
             self.node.outbox.add(job["response_topic"], msg, correlation=job.get("correlation"), kind="result")
 
     def _publish_result(self, run: _Run, payload: dict[str, Any], final: bool,
-                        checkpoint: Optional[dict[str, Any]]) -> None:
+                        checkpoint: Optional[dict[str, Any]], wait: bool = True) -> int:
         if not self._live(run):
-            return
+            return 0
         with self.state.transaction():
             job = self.state.get_job(run.job_id)
             if job is None:
-                return
+                return 0
             self._queue_result(job, self._result_message(job, payload, final))
             if checkpoint is not None:
                 self.state.update_job(run.job_id, {"checkpoint": checkpoint})
             if final:
                 self.state.update_job(run.job_id, {"final_sent": True})
-        if checkpoint is not None:
-            self.state.wait_durable()
+        gen = self.state.generation  # this transaction's, or a later one: committed together or after it
+        if checkpoint is not None and wait:
+            self.state.wait_durable(gen)
+        return gen
 
     def _finish(self, job_id: str, state: JobState, error: Optional[ErrorInfo], result: Optional[dict[str, Any]] = None,
                 details: Optional[dict[str, Any]] = None) -> bool:

@@ -7,7 +7,8 @@ the same run, per backend:
                 the runtime's own API (LiteRT Interpreter, OpenVINO InferRequest, cv2.dnn Net), one at a time;
   raw decode  — the naive loop's read + decode + preprocess alone, on as many threads as the agent's pipeline
                 (inference.decode_workers);
-  cvw decode  — cv-worker's own decode stage alone on those threads (it decodes large JPEGs at reduced scale);
+  cvw decode  — cv-worker's own decode stage alone on those threads (it decodes large JPEGs at reduced scale and
+                stages the tensor in the runtime's layout);
   infer       — the runtime alone on ready tensors, with the agent's runtime thread count;
   bound       — the slower of cvw decode and infer: what a perfect decode/infer pipeline could reach;
   (b) agent   — the full cv-worker path: an `infer` job over MQTT (real mosquitto, real agent process with only
@@ -141,12 +142,20 @@ def bench_raw(backend: str, paths: list[Path], workers: int, agent_threads: int,
         run(x)
     infer = best_rate(len(paths), lambda: [run(x) for x in tensors], rounds)
     # cv-worker's own decode stage (fetch, header checks, reduced-scale JPEG decoding, preprocessing)
-    cvw_decode = best_rate(len(paths), lambda: cvw_decode_all(paths, workers), rounds)
+    model = cvw_model(backend)
+    cvw_decode = best_rate(len(paths), lambda: cvw_decode_all(paths, workers, model), rounds)
     return {"naive": naive, "decode": decode, "cvw_decode": cvw_decode, "infer": infer,
             "bound": min(cvw_decode, infer)}
 
 
-def cvw_decode_all(paths: list[Path], workers: int) -> None:
+def cvw_model(backend: str) -> Any:
+    """cv-worker's loaded model on ``backend``: its decode stage also stages the tensor for the runtime."""
+    from accelerators.registry import create_backends
+
+    return create_backends()[backend].load(locate("blazeface"))
+
+
+def cvw_decode_all(paths: list[Path], workers: int, model: Any) -> None:
     from types import SimpleNamespace
 
     from agent.inference.params import ImageItem
@@ -155,7 +164,7 @@ def cvw_decode_all(paths: list[Path], workers: int) -> None:
     from models.manifest import InputSpec
 
     cfg = InferenceConfig(input_dirs=[paths[0].parent])
-    shim: Any = SimpleNamespace(manifest=SimpleNamespace(input=InputSpec(**BLAZEFACE_INPUT)))
+    shim: Any = SimpleNamespace(manifest=SimpleNamespace(input=InputSpec(**BLAZEFACE_INPUT)), model=model)
     items = [ImageItem(id=p.stem, path=p.name) for p in paths]
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda it: prepare(it, shim, cfg, False), items))

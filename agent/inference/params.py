@@ -52,9 +52,12 @@ class InferParams(_Strict):
     output: Literal["json", "vott-csv"] = Field(
         "json", description="`json`: items in result chunks. `vott-csv`: also `url,x,y,width,height,class` rows "
         "(pre-annotations an annotation tool imports), per chunk and as one results.csv at the end.")
+    mask_png: bool = Field(
+        True, description="Segmentation models: also write each image's mask as a PNG the size of the image, saved "
+        "under the node's outputs directory or PUT to `upload_url` (false: the per-class summary only).")
     upload_url: Optional[str] = Field(
         None, pattern=r"^https?://", description="Base URL the outputs are PUT to: `{upload_url}/results.json` or "
-        "`results.csv`, and `{upload_url}/annotated/{id}.jpg`.")
+        "`results.csv`, `{upload_url}/annotated/{id}.jpg` and `{upload_url}/masks/{id}.png`.")
 
     @field_validator("images")
     @classmethod
@@ -80,16 +83,27 @@ class ItemError(_Strict):
 class ItemResult(BaseModel):
     """One image in a result chunk. ``ok`` false: ``error`` says why, the batch went on."""
 
-    id: str
-    ok: bool
-    width: Optional[int] = None
-    height: Optional[int] = None
-    detections: Optional[list[dict[str, Any]]] = None
-    classes: Optional[list[dict[str, Any]]] = None
-    mask: Optional[dict[str, Any]] = None
-    inference_ms: Optional[float] = None
+    id: str = Field(description="The image's id from the request.")
+    ok: bool = Field(description="False: `error` says why this image failed; the batch went on.")
+    width: Optional[int] = Field(None, description="Width of the original image in pixels.")
+    height: Optional[int] = Field(None, description="Height of the original image in pixels.")
+    detections: Optional[list[dict[str, Any]]] = Field(
+        None, description="Detection models: `label`, `score`, `box` [x1, y1, x2, y2] in original-image pixels, "
+        "`keypoints` [[x, y], ...] where the model gives them; best first.")
+    classes: Optional[list[dict[str, Any]]] = Field(
+        None, description="Classifiers: `label`, `score`; best first.")
+    mask: Optional[dict[str, Any]] = Field(
+        None, description="Segmentation: `width`, `height` (of the model's output map), `classes` (`class_id`, "
+        "`label`, `pixels`, `fraction` of the image area) and `png_kind` when a mask PNG is made.")
+    inference_ms: Optional[float] = Field(None, description="Time in the runtime for this image.")
     annotated: Optional[str] = Field(None, description="Where the annotated copy went (a local path or a URL).")
     annotate_error: Optional[str] = Field(None, description="Why the annotated copy could not be saved/uploaded.")
+    mask_png: Optional[str] = Field(
+        None, description="Segmentation: where the mask PNG went (a local path under the job's outputs directory, "
+        "or its URL under `upload_url`). 8-bit grayscale, the size of the original image; a pixel is the "
+        "probability x 255 for probability maps (`mask.png_kind` `probability`, e.g. ppocr-det) or the class id "
+        "(`class_ids`).")
+    mask_png_error: Optional[str] = Field(None, description="Why the mask PNG could not be saved/uploaded.")
     error: Optional[ItemError] = None
 
     def dump(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""One image through a loaded model, split in two halves so they can run on different threads:
-``prepare`` (bytes -> decoded image -> input tensor; in the decode workers) and ``infer`` (runtime + decoder +
-the request's filters; on the job's thread, which owns the model)."""
+"""One image through a loaded model, split in three parts so that they run on different threads:
+``prepare`` (bytes -> decoded image -> input tensor staged for the runtime; in the decode workers),
+``Predictor.run`` (the runtime alone; on the pipeline's inference thread) and ``Predictor.finish`` (output decoder
+and the request's filters; on the job's thread)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from agent.stats import MODEL_METRICS
 if TYPE_CHECKING:
     import numpy as np
 
+    from accelerators.base import InferenceResult, Inputs
     from models.preprocess import Transform
     from models.runtime import Pipeline
 
@@ -25,7 +27,7 @@ class Prepared:
     item: ImageItem
     width: int
     height: int
-    tensor: "np.ndarray"
+    tensor: Optional["Inputs"]  # the feed, staged for the runtime (LoadedModel.stage); dropped once inferred
     transform: "Transform"
     image: Optional["np.ndarray"]  # the decoded BGR image, kept only when the results are drawn on it
     fetch_ms: float
@@ -135,8 +137,10 @@ def prepare(item: ImageItem, pipeline: "Pipeline", cfg: InferenceConfig, keep_im
     rh, rw = img.shape[:2]
     if (rw, rh) != (ow, oh):  # decoded at reduced scale: map boxes back to the original size
         tf = Transform(tf.scale_x * rw / ow, tf.scale_y * rh / oh, tf.pad_x, tf.pad_y, ow, oh, tf.in_w, tf.in_h)
+    # The runtime's own layout conversion (OpenCV wants NCHW...) happens here too, not on the inference thread.
+    feed = pipeline.model.stage({spec.name: x} if spec.name else x)
     t2 = time.perf_counter()
-    return Prepared(item, ow, oh, x, tf, img if keep_image else None, (t1 - t0) * 1000, (t2 - t1) * 1000)
+    return Prepared(item, ow, oh, feed, tf, img if keep_image else None, (t1 - t0) * 1000, (t2 - t1) * 1000)
 
 
 class Predictor:
@@ -153,15 +157,31 @@ class Predictor:
         if params.top_k is not None and hasattr(spec, "top_k"):
             spec = spec.model_copy(update={"top_k": params.top_k})
         self.decoder_spec = spec
-        self.input_name = pipeline.manifest.input.name
         self.classes = set(params.classes) if params.classes else None
 
     def infer(self, prep: Prepared) -> tuple[ItemResult, Any]:
         """The item's result, and the decoded result (for drawing)."""
+        return self.finish(prep, self.run(prep))
+
+    def run(self, prep: Prepared) -> "InferenceResult":
+        """The runtime alone: all the inference thread does, so that it hardly ever waits for the GIL."""
+        return self.end(self.begin(prep))
+
+    def begin(self, prep: Prepared) -> Any:
+        """``run`` in two halves (``LoadedModel.begin``/``end``); the feed is released as soon as it is handed over."""
+        assert prep.tensor is not None, "prepared image already inferred"
+        pending = self.pipeline.model.begin(prep.tensor)
+        prep.tensor = None  # not needed any more: free it while the result waits for the job's thread
+        return pending
+
+    def end(self, pending: Any) -> "InferenceResult":
+        return self.pipeline.model.end(pending)
+
+    def finish(self, prep: Prepared, res: "InferenceResult") -> tuple[ItemResult, Any]:
+        """Output decoder and the request's filters on the runtime's outputs: the item's result, and the decoded
+        result (for drawing)."""
         from models.decoders import decode
 
-        x = prep.tensor
-        res = self.pipeline.model.infer({self.input_name: x} if self.input_name else x)
         MODEL_METRICS.record(self.pipeline.manifest.name, res.infer_ms, backend=res.backend)
         dec = decode(self.decoder_spec, res.outputs, prep.transform, self.pipeline.labels)
         p = self.params
@@ -179,7 +199,7 @@ class Predictor:
             detections=[_detection(d) for d in dets] if (task == "detection" or dets) else None,
             classes=[{"label": c.label, "score": round(c.score, 5)} for c in classes] if task == "classification"
             else None,
-            mask=dec.mask.model_dump() if dec.mask is not None else None,
+            mask=_mask(dec),
             inference_ms=round(res.infer_ms, 3),
         )
         dec.detections = dets
@@ -189,6 +209,30 @@ class Predictor:
         if self.classes is not None and label not in self.classes:
             return False
         return self.params.threshold is None or score >= self.params.threshold
+
+
+def _mask(dec: Any) -> Optional[dict[str, Any]]:
+    if dec.mask is None:
+        return None
+    out = dec.mask.model_dump()
+    if dec.mask_map is not None:
+        out["png_kind"] = dec.mask_map.kind
+    return out
+
+
+def mask_png(dec: Any, width: int, height: int) -> Optional[bytes]:
+    """The decoded mask as an 8-bit PNG of the original image's size; None when the model gives no mask map."""
+    import cv2
+
+    m = dec.mask_map
+    if m is None:
+        return None
+    interp = cv2.INTER_NEAREST if m.kind == "class_ids" else cv2.INTER_LINEAR
+    pixels = cv2.resize(m.pixels, (width, height), interpolation=interp)
+    ok, buf = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
 
 
 def _detection(d: Any) -> dict[str, Any]:

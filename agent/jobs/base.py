@@ -58,8 +58,15 @@ class JobContext(Protocol):
     def save_checkpoint(self, data: dict[str, Any]) -> None:
         """Durably record how far the job got; after a crash ``run`` gets it back as ``ctx.checkpoint``."""
 
-    def publish_result(self, payload: dict[str, Any], final: bool = False) -> None:
-        """Queue one result message (durable, in order); the engine adds ``job_id``, ``seq`` and ``final``."""
+    def publish_result(self, payload: dict[str, Any], final: bool = False,
+                       checkpoint: Optional[dict[str, Any]] = None, wait: bool = True) -> int:
+        """Queue one result message (durable, in order); the engine adds ``job_id``, ``seq`` and ``final``.
+
+        With ``checkpoint``, the message and the checkpoint reach disk in one transaction. ``wait`` false: return
+        before that, with a generation for ``wait_durable`` (a job overlaps its next work with the disk write)."""
+
+    def wait_durable(self, generation: int) -> None:
+        """Block until what ``publish_result(..., wait=False)`` stored is on disk."""
 
     def check(self) -> None:
         """Raise JobCanceled or JobTimedOut when the job must stop; cheap, call it between units of work."""
@@ -73,6 +80,8 @@ class JobHandler(ABC):
 
     type: ClassVar[str]
     params_model: ClassVar[type[BaseModel]] = NoParams
+    # The model of one entry of a result chunk's `items`, for job types that stream items (documented by `make docs`).
+    result_item_model: ClassVar[Optional[type[BaseModel]]] = None
     description: ClassVar[str] = ""
     # Control jobs (info, cancel, config) run on their own lane so they answer while workers are busy.
     control: ClassVar[bool] = False

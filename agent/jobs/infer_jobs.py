@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from agent.inference.params import InferParams, JobResultParams
+from agent.inference.params import InferParams, ItemResult, JobResultParams
 from agent.jobs.base import JobContext, JobError, JobHandler
 from agent.jobs.registry import register
 
@@ -19,6 +19,7 @@ _ENVELOPE = ("job_id", "node_id", "seq", "final", "ts")
 class Infer(JobHandler):
     type = "infer"
     params_model = InferParams
+    result_item_model = ItemResult
     description = ("Run a batch of images (url, path under inference.input_dirs, or base64 data) through an "
                    "installed model; results stream in chunks, resumable after a crash.")
 

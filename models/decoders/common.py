@@ -13,10 +13,21 @@ from models.results import ClassScore, Detection, MaskSummary
 
 
 @dataclass
+class MaskMap:
+    """A segmentation as pixels, for the mask PNG: the output map's region that shows the image (no letterbox
+    padding), 8-bit. ``kind`` "probability": value = probability x 255 (resized smoothly); "class_ids": value = the
+    class id (resized by nearest neighbour, so that ids never blend)."""
+
+    pixels: np.ndarray
+    kind: str
+
+
+@dataclass
 class DecodeResult:
     detections: list[Detection] = field(default_factory=list)
     classes: list[ClassScore] = field(default_factory=list)
     mask: Optional[MaskSummary] = None
+    mask_map: Optional[MaskMap] = None
 
 
 def label_for(labels: list[str], class_id: int) -> str:

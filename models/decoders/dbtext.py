@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from models.decoders.common import DecodeResult, make_detections, pick_output, valid_region
+from models.decoders.common import DecodeResult, MaskMap, make_detections, pick_output, valid_region
 from models.decoders.segmentation import summarise
 from models.preprocess import Transform
 
@@ -40,7 +40,9 @@ def decode(spec: Any, outputs: Mapping[str, np.ndarray], transform: Transform, l
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[order]
     s = np.asarray(scores, dtype=np.float64)[order]
     names = labels or ["background", "text"]
+    region = valid_region(transform, mw, mh)
     return DecodeResult(
         detections=make_detections(b, s, np.ones(len(s), dtype=int), names, transform),
-        mask=summarise(binary[valid_region(transform, mw, mh)].astype(np.int64), names),
+        mask=summarise(binary[region].astype(np.int64), names),
+        mask_map=MaskMap(np.clip(prob[region] * 255.0 + 0.5, 0, 255).astype(np.uint8), "probability"),
     )

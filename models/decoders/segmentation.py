@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from models.decoders.common import DecodeResult, label_for, pick_output, valid_region
+from models.decoders.common import DecodeResult, MaskMap, label_for, pick_output, valid_region
 from models.preprocess import Transform
 from models.results import MaskClass, MaskSummary
 
@@ -47,4 +47,7 @@ def summarise(cmap: np.ndarray, labels: list[str]) -> MaskSummary:
 def decode(spec: Any, outputs: Mapping[str, np.ndarray], transform: Transform, labels: list[str]) -> DecodeResult:
     cmap = class_map(pick_output(outputs, spec.output), spec.score_threshold)
     rows, cols = valid_region(transform, cmap.shape[1], cmap.shape[0])
-    return DecodeResult(mask=summarise(cmap[rows, cols], labels))
+    shown = cmap[rows, cols]
+    # Class ids above 255 do not fit an 8-bit PNG; such models get the summary only.
+    png = MaskMap(shown.astype(np.uint8), "class_ids") if shown.size and int(shown.max()) <= 255 else None
+    return DecodeResult(mask=summarise(shown, labels), mask_map=png)

@@ -121,3 +121,61 @@ def test_segmentation_model_gives_a_mask_summary_and_text_boxes(agent, ctl, imag
     assert all(0 <= d["box"][0] < d["box"][2] <= 384 and 0 <= d["box"][1] < d["box"][3] <= 191
                for d in item["detections"])
     assert out.results[-1]["task"] == "segmentation"
+
+
+def _text_mask_checks(png_path: Path, item: dict) -> None:
+    """The mask PNG is the image's size, bright on the detected lines of text, and agrees with the summary."""
+    m = cv2.imread(str(png_path), cv2.IMREAD_UNCHANGED)
+    assert m is not None and m.dtype == np.uint8 and m.ndim == 2
+    assert (m.shape[1], m.shape[0]) == (item["width"], item["height"])
+    inside = np.zeros(m.shape, bool)
+    for d in item["detections"]:
+        x1, y1, x2, y2 = (int(round(v)) for v in d["box"])
+        inside[y1:y2, x1:x2] = True
+    assert m[inside].mean() > 3 * max(m[~inside].mean(), 1.0)  # text lit, the rest dark
+    # thresholded like the decoder (0.3), the PNG covers about the text fraction the summary reports
+    text = sum(c["fraction"] for c in item["mask"]["classes"] if c["label"] != "background")
+    assert abs((m >= round(0.3 * 255)).mean() - text) < 0.05, (text, (m >= 77).mean())
+
+
+def test_segmentation_mask_png_saved_and_uploaded(agent, ctl, http_server, image_dir: Path):
+    from skimage import data
+
+    r = agent.cli("models", "install", "ppocr-det", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cv2.imwrite(str(image_dir / "page.png"), data.page())
+    # skimage's text() is light text on a dark, textured ground that PP-OCR does not take for text: draw some
+    sign = np.full((200, 520, 3), 245, np.uint8)
+    cv2.putText(sign, "cv-worker 2026", (20, 80), cv2.FONT_HERSHEY_SIMPLEX, 1.8, (20, 20, 20), 4, cv2.LINE_AA)
+    cv2.putText(sign, "mask PNG test", (20, 160), cv2.FONT_HERSHEY_SIMPLEX, 1.5, (20, 20, 20), 3, cv2.LINE_AA)
+    cv2.imwrite(str(image_dir / "sign.jpg"), sign)
+    images = [{"id": "page", "path": "page.png"}, {"id": "sign", "path": "sign.jpg"}]
+    # local: under the job's outputs directory, referenced by path, shown by `cv-worker job ID --result`
+    local = run_job(ctl, agent.node_id, {"model": "ppocr-det", "images": images})
+    assert local.state == "SUCCEEDED", local.last
+    items = {i["id"]: i for i in items_of(local.results)}
+    for name, (w, h) in (("page", (384, 191)), ("sign", (520, 200))):
+        item = items[name]
+        assert (item["width"], item["height"]) == (w, h) and item["mask"]["png_kind"] == "probability"
+        path = Path(item["mask_png"])
+        assert path == agent.state_dir / "outputs" / local.job_id / "masks" / f"{name}.png"
+        _text_mask_checks(path, item)
+    assert local.results[-1]["mask_pngs"] == 2 and local.results[-1]["mask_png_errors"] == 0
+    shown = agent.cli("job", local.job_id, "--result")
+    assert shown.returncode == 0 and items_of(json.loads(shown.stdout)) == items_of(local.results)
+    # upload_url: PUT alongside the results file, referenced by URL
+    base = f"{http_server.url}/up/masks"
+    up = run_job(ctl, agent.node_id, {"model": "ppocr-det", "upload_url": base, "images": images})
+    assert up.state == "SUCCEEDED", up.last
+    page = items_of(up.results)[0]
+    assert page["mask_png"] == f"{base}/masks/page.png"
+    _text_mask_checks(http_server.upload / "up/masks/masks/page.png", page)
+    assert ("/up/masks/masks/sign.png", "image/png") in {(p, t) for p, t, _ in http_server.puts}
+    # asked not to: the summary only
+    off = run_job(ctl, agent.node_id, {"model": "ppocr-det", "mask_png": False, "images": images[:1]})
+    item = items_of(off.results)[0]
+    assert "mask_png" not in item and item["mask"]["classes"] and "mask_pngs" not in off.results[-1]
+    # detection models make no mask PNG
+    face = items_of(run_job(ctl, agent.node_id, {"model": "blazeface", "images": [
+        {"id": "astro", "path": "astronaut.jpg"}]}).results)[0]
+    assert "mask_png" not in face and "mask" not in face

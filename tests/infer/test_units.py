@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agent.inference.config import InferenceConfig
-from agent.inference.pipeline import Prefetch
+from agent.inference.pipeline import Prefetch, Relay
 from agent.inference.predict import _header_size, to_tensor_fast
 from agent.inference.sources import ItemFailure, confine
 from models.manifest import InputSpec
@@ -52,6 +52,40 @@ def test_prefetch_keeps_order_bounds_work_in_flight_and_passes_errors():
         assert len(started) <= i + 1 + 4
         seen.append((i, res if not isinstance(res, BaseException) else str(res)))
     assert seen == [(i, "bad five" if i == 5 else i * 10) for i in range(40)]
+
+
+def test_relay_keeps_order_passes_errors_and_stops_early():
+    def decode(i: int) -> int:
+        if i == 3:
+            raise ValueError("undecodable three")
+        return i
+
+    def begin(v: int) -> int:
+        if v == 7:
+            raise RuntimeError("runtime refused seven")
+        return v
+
+    def end(v: int) -> int:
+        if v == 9:
+            raise RuntimeError("runtime failed on nine")
+        return v * 10
+
+    seen = []
+    for item, value, out in Relay(begin, end, Prefetch(decode, range(30), workers=2, depth=4), depth=2):
+        seen.append((item, str(value) if isinstance(value, BaseException) else value,
+                     str(out) if isinstance(out, BaseException) else out))
+    expected = [(i, i, i * 10) for i in range(30)]
+    expected[3] = (3, "undecodable three", None)
+    expected[7] = (7, 7, "runtime refused seven")
+    expected[9] = (9, 9, "runtime failed on nine")
+    assert seen == expected
+    # leaving early stops the relay thread and the decode workers
+    before = threading.active_count()
+    relay = Relay(begin, end, Prefetch(decode, range(10_000), workers=2, depth=4), depth=2)
+    for item, _, _ in relay:
+        if item == 5:
+            break
+    assert threading.active_count() <= before
 
 
 def test_image_header_sizes(tmp_path: Path):
