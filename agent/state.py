@@ -29,17 +29,21 @@ log = logging.getLogger(__name__)
 class _KeyView(MutableMapping):  # type: ignore[type-arg]
     """The raw table dict seen with typed document ids, without copying it."""
 
-    def __init__(self, raw: dict[str, Any], id_class: type):
+    def __init__(self, raw: dict[str, Any], id_class: type, touch: Callable[[str], None]):
         self._raw = raw
         self._id = id_class
+        self._touch = touch  # a writer that reads a document may change it in place
 
     def __getitem__(self, key: Any) -> Any:
+        self._touch(str(key))
         return self._raw[str(key)]
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        self._touch(str(key))
         self._raw[str(key)] = value
 
     def __delitem__(self, key: Any) -> None:
+        self._touch(str(key))
         del self._raw[str(key)]
 
     def __contains__(self, key: object) -> bool:
@@ -63,7 +67,13 @@ class _InPlaceTable(Table):
     def _update_table(self, updater: Callable[[dict[int, Mapping[str, Any]]], None]) -> None:
         tables = self._storage.read() or {}
         raw = tables.setdefault(self.name, {})
-        updater(_KeyView(raw, self.document_id_class))  # type: ignore[arg-type]
+        storage_touch = getattr(self._storage, "touch", None)
+
+        def touch(doc_id: str) -> None:
+            if storage_touch is not None:
+                storage_touch(self.name, doc_id)
+
+        updater(_KeyView(raw, self.document_id_class, touch))  # type: ignore[arg-type]
         self._storage.write(tables)
         self.clear_cache()
 

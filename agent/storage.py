@@ -21,6 +21,10 @@ from tinydb.storages import Storage
 log = logging.getLogger(__name__)
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -47,13 +51,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class DurableJSONStorage(Storage):
-    """In-memory TinyDB storage persisted atomically by ``commit()``."""
+    """In-memory TinyDB storage persisted atomically by ``commit()``.
+
+    Each commit writes the whole file, but only re-encodes the documents changed since the last one: the others'
+    JSON is cached. Finished jobs keep their params (an ``infer`` job's list of thousands of images), and encoding
+    them all again on every commit cost a batch more CPU, under the GIL, than its result messages. The table class
+    (``agent.state._InPlaceTable``) reports every document it hands to a writer through ``touch()``; code must not
+    change a stored document behind the table's back (readers get copies).
+    """
 
     def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
         self.read_only = read_only
         self._data: Optional[dict[str, Any]] = None
         self.dirty = False
+        self._encoded: dict[str, dict[str, str]] = {}  # table -> document id -> its JSON
+        # Tests set CV_WORKER_STATE_VERIFY=1 to compare every snapshot with a full encoding (finds missed touches).
+        self._verify = os.environ.get("CV_WORKER_STATE_VERIFY") == "1"
         self._load()
 
     def _load(self) -> None:
@@ -83,13 +97,38 @@ class DurableJSONStorage(Storage):
     def write(self, data: dict[str, Any]) -> None:
         if self.read_only:
             raise PermissionError(f"{self.path} is opened read-only")
+        if data is not self._data:
+            self._encoded.clear()  # a new database object: nothing cached can be trusted
         self._data = data
         self.dirty = True
+
+    def touch(self, table: str, doc_id: str) -> None:
+        """The document ``doc_id`` of ``table`` is being changed (or removed): encode it again at the next commit."""
+        cached = self._encoded.get(table)
+        if cached is not None:
+            cached.pop(doc_id, None)
 
     def snapshot(self) -> bytes:
         """Serialise the current data; call under the owner's lock, write outside it."""
         self.dirty = False
-        return json.dumps(self._data or {}, separators=(",", ":"), default=str).encode()
+        data = self._data or {}
+        tables = []
+        for name, docs in data.items():
+            cached = self._encoded.setdefault(name, {})
+            if len(cached) > 2 * len(docs) + 64:  # ids of removed documents that were never touched
+                for gone in cached.keys() - docs.keys():
+                    del cached[gone]
+            parts = []
+            for doc_id, doc in docs.items():
+                enc = cached.get(doc_id)
+                if enc is None:
+                    enc = cached[doc_id] = _dumps(doc)
+                parts.append(f"{_dumps(doc_id)}:{enc}")
+            tables.append(f"{_dumps(name)}:{{{','.join(parts)}}}")
+        blob = ("{" + ",".join(tables) + "}").encode()
+        if self._verify and json.loads(blob) != json.loads(_dumps(data)):
+            raise AssertionError(f"{self.path}: a stored document changed without touch(); the cache is stale")
+        return blob
 
     def commit_bytes(self, blob: bytes) -> None:
         atomic_write_bytes(self.path, blob)

@@ -38,6 +38,7 @@ def anchors(variant: str) -> np.ndarray:
 
 
 def _split(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The regressors ``[A,16]`` and logits ``[A]`` as views in the runtime's dtype (converted after thresholding)."""
     reg = cls = None
     for a in outputs.values():
         if a.shape[-1] == 16:
@@ -46,7 +47,16 @@ def _split(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             cls = a
     if reg is None or cls is None:
         raise ValueError(f"blazeface needs [1,A,16] and [1,A,1] outputs, got {[a.shape for a in outputs.values()]}")
-    return reg.reshape(-1, 16).astype(np.float64), cls.reshape(-1).astype(np.float64)
+    return reg.reshape(-1, 16), cls.reshape(-1)
+
+
+def _logit(p: float) -> float:
+    if p <= 0.0:
+        return -np.inf
+    if p >= 1.0:
+        return np.inf
+    # A hair below the exact logit: rounding must never drop an anchor whose score is at the threshold.
+    return float(np.log(p / (1.0 - p))) - 1e-6
 
 
 def weighted_nms(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, iou: float, max_out: int) -> list[tuple]:
@@ -71,8 +81,12 @@ def decode(spec: Any, outputs: Mapping[str, np.ndarray], transform: Transform, l
     anc = anchors(spec.variant)
     if len(anc) != len(reg):
         raise ValueError(f"blazeface {spec.variant} expects {len(anc)} anchors, the model gives {len(reg)}")
-    scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -100.0, 100.0)))
-    keep = np.nonzero(scores >= spec.score_threshold)[0]
+    # Threshold in logit space (sigmoid is monotonic), so only the few anchors kept are converted and scored:
+    # this runs once per image on the job's thread, beside the runtime.
+    keep = np.nonzero(logits >= _logit(spec.score_threshold))[0]
+    reg, anc = reg[keep].astype(np.float64), anc[keep]
+    scores = 1.0 / (1.0 + np.exp(-np.clip(logits[keep].astype(np.float64), -100.0, 100.0)))
+    keep = scores >= spec.score_threshold  # float rounding at the boundary: the same set as before
     reg, anc, scores = reg[keep], anc[keep], scores[keep]
     cx = reg[:, 0] / size + anc[:, 0]
     cy = reg[:, 1] / size + anc[:, 1]
