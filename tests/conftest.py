@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,10 @@ import pytest
 
 from agent.devbroker import Mosquitto
 from tests.agent_proc import AgentProc
+
+# Every agent and StateStore in the tests checks each state snapshot against a full encoding: a stored document
+# changed without the table noticing would make the per-document cache write stale data (agent/storage.py).
+os.environ.setdefault("CV_WORKER_STATE_VERIFY", "1")
 
 
 @pytest.fixture

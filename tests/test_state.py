@@ -113,3 +113,35 @@ def test_corrupt_file_is_moved_aside(tmp_path):
     assert store.all_jobs() == []
     assert list(tmp_path.glob("jobs.json.corrupt-*"))
     store.close()
+
+
+def test_disk_matches_memory_while_only_changed_documents_are_reencoded(tmp_path, monkeypatch):
+    monkeypatch.delenv("CV_WORKER_STATE_VERIFY", raising=False)  # check the cache itself, not its self-check
+    s = StateStore(tmp_path)
+    big = {"images": [{"id": f"i{k}", "path": f"{k}.jpg"} for k in range(2000)]}
+
+    def on_disk() -> dict:
+        assert s.wait_durable(s.generation, timeout=10)
+        return json.loads((tmp_path / "jobs.json").read_text())["jobs"]
+
+    with s.transaction():
+        s.put_job({"job_id": "old", "type": "infer", "state": "SUCCEEDED", "params": big})
+        s.put_job({"job_id": "run", "type": "infer", "state": "IN_PROGRESS", "progress": 0.0})
+    assert on_disk()["old"]["params"] == big
+    for k in range(1, 4):
+        with s.transaction():
+            s.update_job("run", {"progress": k / 4, "details": {"processed": k}})
+        assert on_disk()["run"]["progress"] == k / 4 and on_disk()["run"]["details"] == {"processed": k}
+    with s.transaction():
+        s.put_job({"job_id": "old", "type": "infer", "state": "FAILED", "params": {}})  # replaced whole
+        s.meta_set("bd_seq", 7)
+    disk = on_disk()
+    assert disk["old"] == {"job_id": "old", "type": "infer", "state": "FAILED", "params": {}}
+    with s.transaction():
+        s.remove_jobs(["old"])
+    assert set(on_disk()) == {"run"}
+    s.close()
+    # And a fresh store reads back exactly what the agent had in memory.
+    again = StateStore(tmp_path, read_only=True)
+    assert again.get_job("run")["progress"] == 0.75 and again.get_job("old") is None
+    assert again.meta_get("bd_seq") == 7
