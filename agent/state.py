@@ -163,7 +163,15 @@ class StateStore:
             # took keeps the committer (whose JSON encoding holds the GIL) under half the CPU under load.
             time.sleep(max(self._min_interval, self._last_commit_s))
             t0 = time.monotonic()
-            self._commit_once()
+            try:
+                self._commit_once()
+            except Exception:
+                # The committer must outlive any bug: without it nothing reaches disk and every waiter hangs.
+                log.exception("state commit failed; retrying in 1 s")
+                with self._cond:
+                    for storage in self._storages:
+                        storage.dirty = True
+                time.sleep(1.0)
             self._last_commit_s = time.monotonic() - t0
 
     def _commit_once(self) -> None:

@@ -110,6 +110,7 @@ class AgentProc:
                 raise AssertionError(f"agent did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
         rc = self.proc.returncode
         self.proc = None
+        assert "STATE SNAPSHOT MISMATCH" not in self.log(), self.log()[-3000:]
         return rc
 
     def kill(self) -> None:
