@@ -8,6 +8,7 @@ InferRequest/AsyncInferQueue API for what is used here.
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,11 +79,21 @@ def _supported_properties(core: Any, device: str) -> Optional[list[str]]:
         return None
 
 
+def block_openvino_telemetry() -> None:
+    """Keep OpenVINO from phoning home. Its model converter (imported with ``openvino``) sends usage events to
+    Google Analytics unless a consent file says no, and sends each from a *forked* copy of the calling process: in
+    the agent that forks a many-threaded daemon at startup, which then could not exit while the child waited on a
+    network an edge node often lacks. OpenVINO falls back to its own no-op stub when ``openvino_telemetry`` cannot
+    be imported; make it so. Call before the first ``import openvino``."""
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+
+
 def import_openvino(importer: Importer = importlib.import_module) -> tuple[Any, str]:
     """The module holding ``Core`` and ``AsyncInferQueue``, and a version string; raises BackendUnavailable.
 
     ``importer`` is injectable so that tests can present a 2022.3-style package without installing one.
     """
+    block_openvino_telemetry()
     errors = []
     for name in ("openvino", "openvino.runtime"):
         try:

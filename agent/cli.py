@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import socket
@@ -53,6 +54,9 @@ def cmd_run(args: argparse.Namespace, cfg: AgentConfig) -> int:
     from agent.sdnotify import notifier
 
     setup_logging(cfg.logging.level, cfg.logging.journal)
+    # A crash inside a native runtime (or SIGABRT from a supervisor that gave up waiting) leaves every thread's
+    # Python stack in the journal instead of nothing.
+    faulthandler.enable()
     try:
         node = Node(cfg)
     except OSError as e:

@@ -83,6 +83,9 @@ def raw_litert(path: Path) -> dict[str, Any]:
 
 
 def raw_openvino(path: Path, nreq: int) -> dict[str, Any]:
+    from accelerators.openvino_backend import block_openvino_telemetry
+
+    block_openvino_telemetry()
     import openvino as ov
 
     core = ov.Core()

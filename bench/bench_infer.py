@@ -84,6 +84,9 @@ def raw_runtime(backend: str, threads: int) -> Callable[[np.ndarray], Any]:
             return [it.get_tensor(o) for o in outs]
         return run
     if backend == "openvino":
+        from accelerators.openvino_backend import block_openvino_telemetry
+
+        block_openvino_telemetry()
         import openvino as ov
 
         compiled = ov.Core().compile_model(str(model), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS":

@@ -105,9 +105,14 @@ class AgentProc:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise AssertionError(f"agent did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
+                self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+                self.proc = None
+                raise AssertionError(f"agent did not stop within {timeout}s:\n{self.log()[-8000:]}") from None
         rc = self.proc.returncode
         self.proc = None
         assert "STATE SNAPSHOT MISMATCH" not in self.log(), self.log()[-3000:]

@@ -148,6 +148,9 @@ class ClassifierPlugin(TrainerPlugin):
 
     def _export(self, net: Any, data: "Dataset", spec: Any, opts: ClassifierOptions, ctx: TrainContext,
                 train_loss: float, val: Optional[EpochMetrics], n_train: int, n_val: int) -> PackageResult:
+        from accelerators.openvino_backend import block_openvino_telemetry
+
+        block_openvino_telemetry()
         import openvino as ov
         import torch
 
