@@ -241,7 +241,9 @@ inside /bin/bash -c "kill -STOP $pid"
 t=$(date +%s)
 wd=$(prop WatchdogUSec)
 if wait_for 90 new_pid "$pid"; then
-  if inside journalctl -u cv-worker --no-pager -o cat | grep -qi "watchdog timeout"; then
+  # systemd logs the timeout through journald, which may not have written it yet when the new pid shows up
+  watchdog_logged() { inside journalctl -u cv-worker --no-pager -o cat | grep -qi "watchdog timeout"; }
+  if wait_for 15 watchdog_logged; then
     record "SIGSTOP -> watchdog restart" PASS "WatchdogSec=$wd; pid $pid -> $(prop MainPID) after $(( $(date +%s) - t )) s"
   else
     record "SIGSTOP -> watchdog restart" FAIL "restarted, but the journal has no 'Watchdog timeout'"
