@@ -26,6 +26,14 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.close()
 
 
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One mosquitto for a whole test module (no per-change saves: the module's tests do not kill it)."""
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), save_every_change=False).start()
+    yield b
+    b.close()
+
+
 @pytest.fixture
 def agents(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Callable[..., AgentProc]]:
     """Factory of real agent processes on the test broker; all are stopped (and their logs shown) at the end."""

@@ -6,11 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from tests.agent_proc import REPO
-
-pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
 
 def test_importing_openvino_through_the_backend_loads_the_telemetry_stub_and_forks_nothing() -> None:

@@ -123,12 +123,6 @@ def http_server(image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     s.close()
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), save_every_change=False).start()
-    yield b
-    b.close()
-
 
 def make_agent(workdir: Path, broker: Mosquitto, image_dir: Path, node_id: str = "infer-node",
                **inference: Any) -> AgentProc:

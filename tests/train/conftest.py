@@ -131,12 +131,6 @@ def http_server(digits: Digits) -> Iterator[HttpServer]:
     s.close()
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), save_every_change=False).start()
-    yield b
-    b.close()
-
 
 class TrainerProc(AgentProc):
     command = "trainer"
