@@ -172,3 +172,28 @@ def test_an_image_that_kills_its_worker_twice_is_reported_and_the_batch_goes_on(
     finally:
         pool.close()
         silent.close()
+
+
+def test_a_canceled_batch_hands_the_worker_processes_to_the_next_job(tmp_path, broker, image_dir, pictures):
+    a = make_agent(tmp_path / "a", broker, image_dir, node_id="cancel-node", decode_mode="processes",
+                   chunk_size=5).start()
+    images = [{"id": f"img-{i:04d}", "path": pictures[i % len(pictures)]} for i in range(3000)]
+    try:
+        with controller(broker) as ctl:
+            jid = ctl.submit("infer", {"model": "blazeface", "images": images}, node=a.node_id)
+            deadline = time.monotonic() + 60
+            while not items_of(ctl.outcome(jid).results):
+                assert time.monotonic() < deadline, ctl.outcome(jid).statuses[-1:]
+                time.sleep(0.01)
+            workers = decode_workers(a.proc.pid)
+            c = ctl.wait(ctl.submit("job.cancel", {"job_id": jid}, node=a.node_id), timeout=20)
+            assert c.state == "SUCCEEDED", c.last
+            assert ctl.wait(jid, timeout=30).state == "CANCELED"
+            again = run_job(ctl, a.node_id, {"model": "blazeface", "images": images[:40]})
+            assert again.state == "SUCCEEDED" and again.results[-1]["succeeded"] == 40, again.last
+            assert [i["id"] for i in items_of(again.results)] == [im["id"] for im in images[:40]]
+            assert decode_workers(a.proc.pid) == workers  # the same processes: drained, not replaced
+        assert a.stop() == 0
+    finally:
+        a.stop()
+    assert "Traceback" not in a.log() and "decode worker died" not in a.log()
