@@ -32,6 +32,7 @@ from models.store import ModelStore
 
 if TYPE_CHECKING:
     from agent.httpapi.service import HttpService
+    from agent.inference.decodeproc import DecodePool
 
 log = logging.getLogger("cv_worker")
 
@@ -54,6 +55,8 @@ class Node:
         self._notify: Callable[..., None] = lambda **kw: None
         self.model_store = ModelStore(config.models.resolve_dir(config.state_dir), config.models)
         self._model_manager: Optional[ModelManager] = None
+        self._decode_pool: Optional["DecodePool"] = None
+        self._decode_pool_lock = threading.Lock()
         self._accelerators: list[dict[str, Any]] = []
         self.advertiser: Optional[Advertiser] = None
         self.streams = StreamManager(self)
@@ -74,6 +77,16 @@ class Node:
 
     def capabilities(self) -> list[str]:
         return sorted(t for t in registry.handlers() if self.accepts(t))
+
+    def decode_pool(self) -> "DecodePool":
+        """The decode worker processes of `infer` jobs (inference.decode_mode), created on first use."""
+        with self._decode_pool_lock:
+            if self._decode_pool is None:
+                from agent.inference.decodeproc import DecodePool
+
+                cfg = self.config.inference
+                self._decode_pool = DecodePool(cfg, cfg.workers())
+            return self._decode_pool
 
     @property
     def model_manager(self) -> ModelManager:
@@ -254,6 +267,8 @@ class Node:
         self.link.stop(final=(self.topics.status, self.node_status("stopped").model_dump_json().encode()))
         if self.advertiser is not None:
             self.advertiser.stop()
+        if self._decode_pool is not None:
+            self._decode_pool.close()
         if self._model_manager is not None:
             self._model_manager.close()
         self.outbox.stop()

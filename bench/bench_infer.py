@@ -7,8 +7,9 @@ the same run, per backend:
                 the runtime's own API (LiteRT Interpreter, OpenVINO InferRequest, cv2.dnn Net), one at a time;
   raw decode  — the naive loop's read + decode + preprocess alone, on as many threads as the agent's pipeline
                 (inference.decode_workers);
-  cvw decode  — cv-worker's own decode stage alone on those threads (it decodes large JPEGs at reduced scale and
-                stages the tensor in the runtime's layout);
+  cvw decode  — cv-worker's own decode stage alone, run the way the agent runs it (inference.decode_mode: that
+                many worker processes with tensors back through shared memory, or threads); it decodes large
+                JPEGs at reduced scale and stages the tensor in the runtime's layout;
   infer       — the runtime alone on ready tensors, with the agent's runtime thread count;
   bound       — the slower of cvw decode and infer: what a perfect decode/infer pipeline could reach;
   (b) agent   — the full cv-worker path: an `infer` job over MQTT (real mosquitto, real agent process with only
@@ -125,7 +126,8 @@ def best_rate(n: int, fn: Callable[[], Any], rounds: int) -> float:
     return rate(n, best)
 
 
-def bench_raw(backend: str, paths: list[Path], workers: int, agent_threads: int, rounds: int) -> dict[str, float]:
+def bench_raw(backend: str, paths: list[Path], workers: int, agent_threads: int, rounds: int,
+              processes: bool) -> dict[str, float]:
     cores = os.cpu_count() or 1
     # (a) the naive loop gets the runtime's own default, all cores: the strongest sequential baseline.
     naive_run = raw_runtime(backend, cores)
@@ -146,7 +148,7 @@ def bench_raw(backend: str, paths: list[Path], workers: int, agent_threads: int,
     infer = best_rate(len(paths), lambda: [run(x) for x in tensors], rounds)
     # cv-worker's own decode stage (fetch, header checks, reduced-scale JPEG decoding, preprocessing)
     model = cvw_model(backend)
-    cvw_decode = best_rate(len(paths), lambda: cvw_decode_all(paths, workers, model), rounds)
+    cvw_decode = best_rate(len(paths), lambda: cvw_decode_all(paths, workers, model, processes), rounds)
     return {"naive": naive, "decode": decode, "cvw_decode": cvw_decode, "infer": infer,
             "bound": min(cvw_decode, infer)}
 
@@ -158,7 +160,10 @@ def cvw_model(backend: str) -> Any:
     return create_backends()[backend].load(locate("blazeface"))
 
 
-def cvw_decode_all(paths: list[Path], workers: int, model: Any) -> None:
+_pools: dict[int, Any] = {}
+
+
+def cvw_decode_all(paths: list[Path], workers: int, model: Any, processes: bool) -> None:
     from types import SimpleNamespace
 
     from agent.inference.params import ImageItem
@@ -169,14 +174,26 @@ def cvw_decode_all(paths: list[Path], workers: int, model: Any) -> None:
     cfg = InferenceConfig(input_dirs=[paths[0].parent])
     shim: Any = SimpleNamespace(manifest=SimpleNamespace(input=InputSpec(**BLAZEFACE_INPUT)), model=model)
     items = [ImageItem(id=p.stem, path=p.name) for p in paths]
+    if processes:  # the agent's pool of decode processes, started once (as the agent keeps its own)
+        from agent.inference.decodeproc import DecodePool
+
+        if workers not in _pools:
+            _pools[workers] = DecodePool(cfg, workers)
+        stream = _pools[workers].try_map(shim, items, InferenceConfig().pipeline_depth)
+        assert stream is not None
+        for _, got in stream:
+            if isinstance(got, BaseException):
+                raise got
+        return
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda it: prepare(it, shim, cfg, False), items))
 
 
 def bench_agent(backend: str, paths: list[Path], broker: Mosquitto, work: Path, repeat: int, threads: int,
-                rounds: int, workers: int) -> tuple[float, str]:
+                rounds: int, workers: int, decode_mode: str) -> tuple[float, str]:
     a = AgentProc(work / f"agent-{backend}", broker, f"bench-{backend}",
-                  inference={"input_dirs": [str(paths[0].parent)], "decode_workers": workers},
+                  inference={"input_dirs": [str(paths[0].parent)], "decode_workers": workers,
+                             "decode_mode": decode_mode},
                   jobs={"enable_debug_jobs": False, "progress_interval_s": 1.0})
     # Only this backend may serve the model (AgentProc's TOML writer has no nested tables: append them).
     with open(a.config_path, "a") as f:
@@ -228,7 +245,10 @@ def main() -> int:
     ap.add_argument("--infer-threads", type=int, default=max(1, (os.cpu_count() or 2) - InferenceConfig().workers()),
                     help="runtime threads in the agent (accelerators.<backend>.num_threads): the cores the decode "
                     "workers leave free")
+    ap.add_argument("--decode-mode", choices=["auto", "threads", "processes"], default=InferenceConfig().decode_mode,
+                    help="inference.decode_mode of the agent (default: the agent's own default)")
     args = ap.parse_args()
+    processes = InferenceConfig(decode_mode=args.decode_mode).use_processes()
     if args.images < 200:
         ap.error("--images must be at least 200")
     workers = args.decode_workers
@@ -238,7 +258,8 @@ def main() -> int:
     sizes = sorted(cv2.imread(str(p)).shape[1] for p in paths[:50])
     total_mb = sum(p.stat().st_size for p in paths) / 1e6
     print(f"{len(paths)} JPEGs ({total_mb:.1f} MB, widths {sizes[0]}..{sizes[-1]} px), {os.cpu_count()} CPU cores, "
-          f"{workers} decode worker(s) and {args.infer_threads} runtime thread(s) in the agent; best of {args.rounds}")
+          f"{workers} decode worker {'process' if processes else 'thread'}(s) and {args.infer_threads} runtime "
+          f"thread(s) in the agent; best of {args.rounds}")
     broker = Mosquitto(work / "broker", save_every_change=False).start()
     rows = []
     try:
@@ -246,9 +267,9 @@ def main() -> int:
             if not available(backend):
                 print(f"{backend}: not available on this machine, skipped")
                 continue
-            raw = bench_raw(backend, paths, workers, args.infer_threads, args.rounds)
+            raw = bench_raw(backend, paths, workers, args.infer_threads, args.rounds, processes)
             agent, ran_on = bench_agent(backend, paths, broker, work, args.repeat, args.infer_threads, args.rounds,
-                                        workers)
+                                        workers, args.decode_mode)
             rows.append((backend, ran_on, raw, agent))
     finally:
         broker.close()

@@ -150,7 +150,12 @@ class BatchRun:
             rows: list[list[Any]] = []
             chunk_t = time.monotonic()
             # Three stages: decode workers -> the runtime on its own thread -> this thread (outputs, results).
-            decoded = Prefetch(work, p.images[self.stats.next:], self.cfg.workers(), self.cfg.pipeline_depth)
+            todo = p.images[self.stats.next:]
+            decoded: Any = None
+            if self.cfg.use_processes() and not keep:  # a drawn copy needs the full image: threads keep it
+                decoded = ctx.node.decode_pool().try_map(pipeline, todo, self.cfg.pipeline_depth)
+            if decoded is None:
+                decoded = Prefetch(work, todo, self.cfg.workers(), self.cfg.pipeline_depth)
             with Relay(predictor.begin, predictor.end, decoded, depth=RELAY_DEPTH) as stream:
                 for item, got, out in stream:
                     ctx.check()

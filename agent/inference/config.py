@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,8 +30,16 @@ class InferenceConfig(BaseModel):
     )
     decode_workers: int = Field(
         0, ge=0, le=32,
-        description="Threads that fetch, decode and preprocess images ahead of inference; 0: one fewer than the "
-        "CPU cores (at least 1), leaving a core to the inference runtime.",
+        description="Threads (or processes, see `decode_mode`) that fetch, decode and preprocess images ahead of "
+        "inference; 0: one fewer than the CPU cores (at least 1), leaving a core to the inference runtime.",
+    )
+    decode_mode: Literal["auto", "threads", "processes"] = Field(
+        "auto",
+        description="Where the decode workers run. `processes`: worker processes (started at the first `infer` job, "
+        "kept for the next) that share no GIL with the inference runtime and the job's thread; a worker that "
+        "crashes on an image is replaced and the image reported as `decode_crashed`. `threads`: threads of the "
+        "agent. `auto`: processes on a machine with at least 2 cores. Jobs with `annotate` (they need the full "
+        "decoded image) and a job running while another holds the processes decode in threads.",
     )
     pipeline_depth: int = Field(
         8, ge=1, le=256,
@@ -49,6 +57,13 @@ class InferenceConfig(BaseModel):
 
     def resolve_outputs_dir(self, state_dir: Path) -> Path:
         return self.outputs_dir if self.outputs_dir is not None else state_dir / "outputs"
+
+    def use_processes(self) -> bool:
+        import os
+
+        if self.decode_mode == "auto":
+            return (os.cpu_count() or 1) >= 2
+        return self.decode_mode == "processes"
 
     def workers(self) -> int:
         import os

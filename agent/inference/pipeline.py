@@ -1,6 +1,7 @@
 """Ordered, bounded pipeline stages: the machinery that keeps inference fed and never waiting.
 
-``Prefetch`` is a parallel map: worker threads fetch, decode and preprocess images ahead of inference. ``Relay``
+``Prefetch`` is a parallel map: worker threads fetch, decode and preprocess images ahead of inference (or, with
+``inference.decode_mode`` processes, ``agent.inference.decodeproc.DecodePool`` does it in worker processes). ``Relay``
 runs the inference itself on one dedicated thread, so that the job's thread (output decoding, result messages,
 durable chunks) works on earlier images meanwhile. cv2 and the runtimes release the GIL, so the stages overlap on
 real cores. Each stage holds at most ``depth`` items (done or in flight), which bounds memory however long the batch
