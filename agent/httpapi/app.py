@@ -50,6 +50,7 @@ log = logging.getLogger("cv_worker.http")
 STATIC = FsPath(__file__).resolve().parent / "static"
 MULTIPART_SLACK = 64 * 1024
 KEEPALIVE_S = 15.0
+DRAIN_MAX_BYTES = 16 * 2**20  # an oversized chunked body is read to its end (and dropped) up to this much
 TERMINAL = {s.value for s in TERMINAL_STATES}
 _ITEM_ID_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -201,6 +202,16 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > limit:
+                    # Read (and drop) what the client is still sending, up to a bound: answering mid-upload makes
+                    # the server close a connection the client is writing to, and the client then sees a reset
+                    # instead of the 413.
+                    drained, more = 0, msg.get("more_body", False)
+                    while more and drained < DRAIN_MAX_BYTES:
+                        rest = await receive()
+                        if rest["type"] != "http.request":
+                            break
+                        drained += len(rest.get("body", b""))
+                        more = rest.get("more_body", False)
                     raise StarletteHTTPException(413, detail=_too_large(limit, None))
             return msg
 
