@@ -125,6 +125,7 @@ all:
           cv_worker_service_start: false
           cv_worker_http_port: 8780
           cv_worker_http_token: "$HTTP_TOKEN"
+          cv_worker_config_extra: {inference: {input_dirs: ["/opt/cvw-test/images"]}}
 INV
 playbook() {  # playbook LOGFILE
   ANSIBLE_NOCOLOR=1 ANSIBLE_RETRY_FILES_ENABLED=0 ANSIBLE_HOST_KEY_CHECKING=0 \
@@ -140,6 +141,23 @@ else
   record "playbook run 1 (chroot)" FAIL "see the log above"
   die "the playbook failed; nothing to boot"
 fi
+
+# A model package and a picture for an inference job inside the booted node (its accelerator is "none": the
+# OpenCV backend of the core install runs BlazeFace). Under /opt: the unit's PrivateTmp hides /tmp and /var/tmp.
+mkdir -p "$ROOT/opt/cvw-test/images"
+.venv/bin/python - "$ROOT/opt/cvw-test" <<'PY' || die "could not prepare the model package and the picture"
+import shutil, sys, tempfile
+from pathlib import Path
+import cv2
+from skimage import data
+from models.store import ModelStore
+out = Path(sys.argv[1])
+store = ModelStore(Path(tempfile.mkdtemp()))
+store.install("blazeface")
+shutil.copytree(store.package_dir("blazeface"), out / "blazeface", dirs_exist_ok=True)
+cv2.imwrite(str(out / "images" / "astronaut.jpg"), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+PY
+chmod -R a+rX "$ROOT/opt/cvw-test"
 
 # --- 3. boot ---------------------------------------------------------------------------------------------
 log "booting $ROOT with systemd-nspawn"
@@ -208,6 +226,32 @@ if [ "$h" = 200 ] && [ "$n" = 200 ] && [ "$u" = 401 ]; then
   record "HTTP API (port 8780)" PASS "/healthz $h, /v1/node with the Ansible token $n, without $u"
 else
   record "HTTP API (port 8780)" FAIL "/healthz $h, /v1/node with token $n (want 200), without $u (want 401)"
+fi
+
+# Real inference under the hardened unit: deploy the package, then a batch job, decoded in worker processes.
+infer_ok=""
+if inside "$CVW" submit model.deploy -p source=/opt/cvw-test/blazeface --node "$NODE_ID" --wait --wait-timeout 120 \
+     > "$WORK/deploy.log" 2>&1 \
+   && out=$(inside "$CVW" submit infer --params '{"model": "blazeface", "images": [{"id": "a", "path": "astronaut.jpg"}]}' \
+                   --node "$NODE_ID" --wait --wait-timeout 120 --json 2>"$WORK/infer.log"); then
+  infer_ok=$(echo "$out" | python3 -c '
+import json, sys
+doc = json.load(sys.stdin)
+items = [i for r in doc["results"] for i in r.get("items", [])]
+final = doc["results"][-1]
+box = items[0]["detections"][0]["box"]
+near = all(abs(a - b) <= 6 for a, b in zip(box, (178, 81, 272, 175)))
+if doc["status"]["state"] == "SUCCEEDED" and near:
+    ran_on = final["backend"] + ":" + final["device"]
+    print(f"face at {[round(v) for v in box]} on {ran_on}")' 2>>"$WORK/infer.log" || true)
+fi
+procs=$(inside journalctl -u cv-worker --no-pager -o cat | grep -ci "decode worker process" || true)
+if [ -n "$infer_ok" ] && [ "${procs:-0}" -gt 0 ]; then
+  record "infer job (BlazeFace, decode processes)" PASS "$infer_ok; journal mentions the decode worker processes"
+else
+  cat "$WORK/deploy.log" "$WORK/infer.log" >&2 2>/dev/null || true; echo "${out:-}" | tail -20 >&2
+  inside journalctl -u cv-worker --no-pager -o cat | tail -20 >&2
+  record "infer job (BlazeFace, decode processes)" FAIL "no face where expected, or no decode worker processes (above)"
 fi
 
 sleep 1  # journald receives asynchronously

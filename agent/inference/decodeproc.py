@@ -151,8 +151,13 @@ class DecodePool:
         self.restarts = 0
 
     def _ensure(self) -> None:
+        started = []
         for i in range(len(self._workers), self.size):
             self._workers.append(_Worker(self._ctx, i))
+            started.append(self._workers[-1].proc.pid)
+        if started:
+            log.info("started %d decode worker process(es) (pid %s); images are decoded outside the agent's process",
+                     len(started), ", ".join(str(p) for p in started))
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w.proc.pid is not None]
