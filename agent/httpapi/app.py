@@ -192,6 +192,10 @@ class BodyLimit:
         limit: int = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
+            # Nothing is parsed; a moderately oversized body is still read and dropped, so that the client reads
+            # the 413 rather than a reset connection (closing a socket with unread data resets it).
+            if int(declared) <= DRAIN_MAX_BYTES:
+                await _drain(receive, True)
             await self._refuse(scope, send, limit, int(declared))
             return
         received = 0
@@ -202,16 +206,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > limit:
-                    # Read (and drop) what the client is still sending, up to a bound: answering mid-upload makes
-                    # the server close a connection the client is writing to, and the client then sees a reset
-                    # instead of the 413.
-                    drained, more = 0, msg.get("more_body", False)
-                    while more and drained < DRAIN_MAX_BYTES:
-                        rest = await receive()
-                        if rest["type"] != "http.request":
-                            break
-                        drained += len(rest.get("body", b""))
-                        more = rest.get("more_body", False)
+                    await _drain(receive, msg.get("more_body", False))  # as above, for a chunked body
                     raise StarletteHTTPException(413, detail=_too_large(limit, None))
             return msg
 
@@ -223,6 +218,17 @@ class BodyLimit:
                     "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
                                 (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Receive, more: bool) -> None:
+    """Read and drop the rest of a request body, at most ``DRAIN_MAX_BYTES``."""
+    drained = 0
+    while more and drained < DRAIN_MAX_BYTES:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return
+        drained += len(msg.get("body", b""))
+        more = msg.get("more_body", False)
 
 
 def _too_large(limit: int, size: Optional[int]) -> str:

@@ -195,7 +195,7 @@ def test_size_limits(api):
     noise = np.random.default_rng(0).integers(0, 256, MAX_IMAGE_BYTES + 100, dtype=np.uint8).tobytes()
     p = problem_of(api.post("/v1/predict/blazeface", files={"image": ("big.jpg", noise)}), 413, "too_large")
     assert "inference.max_image_bytes" in p["detail"]
-    # A multipart body far above it is refused from its Content-Length, before it is read.
+    # A multipart body far above it is refused from its Content-Length, without being parsed.
     huge = noise * 3
     problem_of(api.post("/v1/predict/blazeface", files={"image": ("huge.jpg", huge)}), 413, "payload_too_large")
     # JSON bodies: [http] max_body_bytes, by Content-Length and, for a chunked body without one, by counting.
