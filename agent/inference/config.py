@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MiB = 1024 * 1024
 
+# The smallest batch that starts an inference process (runtime_mode "auto"): below it, loading a second copy of the
+# model costs more than the batch could gain.
+RUNTIME_START_IMAGES = 32
+
 
 class InferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +44,17 @@ class InferenceConfig(BaseModel):
         "crashes on an image is replaced and the image reported as `decode_crashed`. `threads`: threads of the "
         "agent. `auto`: processes on a machine with at least 2 cores. Jobs with `annotate` (they need the full "
         "decoded image) and a job running while another holds the processes decode in threads.",
+    )
+    runtime_mode: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="Where the model runs in a batch whose images are decoded in processes. `process`: in an "
+        "inference process of its own (one, kept for the next job of the same model version, replaced for another; "
+        "it holds a second copy of the model in memory), so the runtime never waits for the agent's Python; the "
+        "job waits for the model to load there. `auto`: the same, but a job does not wait: the first job of at "
+        f"least {RUNTIME_START_IMAGES} images starts the load and runs in the agent meanwhile, later jobs use the "
+        "process once it is ready. `thread`: always in the agent's process. Only models on a CPU device: an "
+        "EdgeTPU or a Movidius stick is opened by the agent alone. An inference process that crashes is replaced; "
+        "the image it was on is retried once, then reported as `inference_crashed`.",
     )
     pipeline_depth: int = Field(
         8, ge=1, le=256,

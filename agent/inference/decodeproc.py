@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from agent.inference.config import InferenceConfig
 from agent.inference.params import ImageItem
+from agent.inference.runproc import RuntimeKey, RuntimeWorker
 from agent.inference.sources import ItemFailure
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from accelerators.base import InferenceResult
     from agent.inference.predict import Prepared
     from models.manifest import InputSpec
     from models.runtime import Pipeline
@@ -38,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cv_worker.infer")
 
 _ITEMSIZE = {"float32": 4, "uint8": 1, "int8": 1}
+
+# Longest wait for an inference process to load its model: when a job asked to wait for it (runtime_mode
+# "process"), or after a crash mid-batch (the batch goes on in the agent's process past it).
+RUNTIME_LOAD_TIMEOUT_S = 120.0
 
 
 # -- the worker process ----------------------------------------------------------------------------------------
@@ -52,9 +58,11 @@ def _worker_main(conn: Connection) -> None:
     import numpy as np
 
     from agent.inference.predict import decode_image, to_tensor_fast
+    from agent.inference.runproc import set_process_name
     from agent.inference.sources import fetch
     from models.preprocess import Transform
 
+    set_process_name("cvw-decode")
     shm: Optional[shared_memory.SharedMemory] = None
     cfg: Optional[InferenceConfig] = None
     spec: Any = None
@@ -149,6 +157,10 @@ class DecodePool:
         self._busy = threading.Lock()  # held by the job using the pool
         self._closed = False
         self.restarts = 0
+        # The inference process of the last model run here (agent/inference/runproc.py); touched only by the job
+        # holding the pool, and by close().
+        self._runtime: Optional[RuntimeWorker] = None
+        self.runtime_restarts = 0
 
     def _ensure(self) -> None:
         started = []
@@ -166,6 +178,19 @@ class DecodePool:
                 ) -> Optional[Iterator[tuple[ImageItem, Union["Prepared", BaseException]]]]:
         """An ordered stream of ``(item, Prepared or the item's error)``, or None when another job holds the pool
         (decode in threads then). Closing the stream (or exhausting it) hands the pool back."""
+        lease = self.try_stream(pipeline, items, depth)
+        return None if lease is None else iter(lease)
+
+    def try_stream(self, pipeline: "Pipeline", items: Iterable[ImageItem], depth: int,
+                   runtime: Optional[RuntimeKey] = None, wait: bool = False, start: bool = True
+                   ) -> Optional["Lease"]:
+        """The pool for one job, or None when another job holds it (decode in threads then).
+
+        With ``runtime`` (the job's model, on a CPU device), inference runs in the inference process when it has
+        that model loaded (``Lease.inferred``: the stream yields ``(item, Prepared or error, InferenceResult or
+        error)``). Otherwise the stream yields ``(item, Prepared or error)`` for the agent's own runtime, and a
+        process for ``runtime`` starts loading meanwhile when ``start`` is set, for the next job; ``wait`` waits
+        for that load instead. Closing the stream (or exhausting it) hands the pool back."""
         if self._closed or not self._busy.acquire(blocking=False):
             return None
         try:
@@ -174,27 +199,42 @@ class DecodePool:
             self._busy.release()
             log.warning("decode worker processes could not start (%s); decoding in threads", e)
             return None
-        return self._map(pipeline, iter(items), max(1, depth))
+        rt = None
+        if runtime is not None:
+            try:
+                rt = self._runtime_for(runtime, wait, start)
+            except Exception as e:  # the batch still runs, in the agent's process
+                log.warning("inference process could not start (%s); inference runs in the agent's process", e)
+        return Lease(self, pipeline, iter(items), max(1, depth), rt)
 
-    def _map(self, pipeline: "Pipeline", items: Iterator[ImageItem], depth: int
-             ) -> Iterator[tuple[ImageItem, Union["Prepared", BaseException]]]:
-        from multiprocessing import shared_memory
+    def _runtime_for(self, key: RuntimeKey, wait: bool, start: bool) -> Optional[RuntimeWorker]:
+        rt = self._runtime
+        if rt is not None and (not rt.key.same(key) or rt.state == "failed" or not rt.proc.is_alive()):
+            if rt.state == "failed" and rt.key.same(key) and not wait:
+                return None  # this model did not load there: do not retry it at every job
+            self._drop_runtime()
+            rt = None
+        if rt is None:
+            if not (start or wait):
+                return None
+            rt = self._runtime = RuntimeWorker(self._ctx, key)
+        return rt if rt.ready(RUNTIME_LOAD_TIMEOUT_S if wait else 0.0) else None
 
-        spec: InputSpec = pipeline.manifest.input
-        slot_bytes = spec.width * spec.height * 3 * _ITEMSIZE[spec.dtype]
-        shm = shared_memory.SharedMemory(create=True, size=slot_bytes * depth)
-        run = _Run(self, pipeline, shm, slot_bytes, depth)
-        try:
-            for w in self._workers:
-                run.setup(w)
-            yield from run.stream(items)
-        finally:
-            run.drain()
-            for w in self._workers:
-                w.send(("setup", None, None, None, 0))  # detach the ring before it is unlinked
-            shm.close()
-            shm.unlink()
-            self._busy.release()
+    def _drop_runtime(self) -> None:
+        if self._runtime is not None:
+            self._runtime.stop()
+            self._runtime = None
+
+    def replace_runtime(self, old: RuntimeWorker) -> Optional[RuntimeWorker]:
+        """A new inference process for ``old``'s model after ``old`` died; None when it cannot load it."""
+        old.kill()
+        self.runtime_restarts += 1
+        rt = self._runtime = RuntimeWorker(self._ctx, old.key)
+        return rt if rt.ready(RUNTIME_LOAD_TIMEOUT_S) else None
+
+    def runtime_pid(self) -> Optional[int]:
+        rt = self._runtime
+        return rt.proc.pid if rt is not None and rt.proc.is_alive() else None
 
     def replace(self, w: _Worker) -> _Worker:
         w.kill()
@@ -211,9 +251,73 @@ class DecodePool:
             for w in self._workers:
                 w.stop(timeout)
             self._workers.clear()
+            self._drop_runtime()
         finally:
             if held:
                 self._busy.release()
+
+
+class Lease:
+    """One job's hold on the pool: iterate it once; exhausting or closing it hands the pool back.
+
+    ``inferred``: the stream yields ``(item, Prepared or error, InferenceResult or error)``, inference done in the
+    inference process; otherwise ``(item, Prepared or error)`` for the agent's runtime."""
+
+    def __init__(self, pool: DecodePool, pipeline: "Pipeline", items: Iterator[ImageItem], depth: int,
+                 runtime: Optional[RuntimeWorker]):
+        self.pool = pool
+        self.pipeline = pipeline
+        self.items = items
+        self.depth = depth
+        self.runtime = runtime
+        self.inferred = runtime is not None
+        self._gen: Optional[Iterator[Any]] = None
+        self._released = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._gen is None:
+            self._gen = self._stream()
+        return self._gen
+
+    def _stream(self) -> Iterator[Any]:
+        from multiprocessing import shared_memory
+
+        spec: InputSpec = self.pipeline.manifest.input
+        slot_bytes = spec.width * spec.height * 3 * _ITEMSIZE[spec.dtype]
+        shm = shared_memory.SharedMemory(create=True, size=slot_bytes * self.depth)
+        run = _Run(self.pool, self.pipeline, shm, slot_bytes, self.depth)
+        try:
+            for w in self.pool._workers:
+                run.setup(w)
+            if self.runtime is not None:
+                yield from run.stream_inferred(self.items, self.runtime)
+            else:
+                yield from run.stream(self.items)
+        finally:
+            run.drain()
+            for w in self.pool._workers:
+                w.send(("setup", None, None, None, 0))  # detach the ring before it is unlinked
+            if run.rt is not None:
+                run.rt.send(("attach", None))
+            shm.close()
+            shm.unlink()
+            self._release()
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+        self._release()
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.pool._busy.release()
 
 
 class _Run:
@@ -228,6 +332,13 @@ class _Run:
         self.items: dict[int, ImageItem] = {}
         self.attempts: dict[int, int] = {}
         self.answers: dict[int, Any] = {}
+        # With an inference process: the process (None once the batch fell back to the agent's runtime), the
+        # decoded items waiting for their inference, their inputs' shape and dtype, and the results.
+        self.rt: Optional[RuntimeWorker] = None
+        self.decoded: dict[int, Union["Prepared", BaseException]] = {}
+        self.inputs: dict[int, tuple[Any, str]] = {}
+        self.results: dict[int, Union["InferenceResult", BaseException]] = {}
+        self.rt_attempts: dict[int, int] = {}
 
     def setup(self, w: _Worker) -> None:
         w.send(("setup", self.pool.cfg, self.pipeline.manifest.input, self.shm.name, self.slot_bytes))
@@ -257,6 +368,136 @@ class _Run:
             self.attempts.pop(done, None)
             yield item, self._prepared(item, msg)  # the slot is copied out: free for the next dispatch
             done += 1
+
+    def stream_inferred(self, items: Iterator[ImageItem], rt: RuntimeWorker
+                        ) -> Iterator[tuple[ImageItem, Union["Prepared", BaseException],
+                                            Union["InferenceResult", BaseException, None]]]:
+        """Decode in the workers, infer in the inference process, in order: a slot stays busy from its image's
+        dispatch to its inference's answer, so ``depth`` bounds both stages together."""
+        self.rt = rt
+        rt.send(("attach", self.shm.name))
+        sent = fwd = done = 0
+        more = True
+        while True:
+            while more and sent - done < self.depth:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    more = False
+                    break
+                self.items[sent] = item
+                self._dispatch(sent)
+                sent += 1
+            while fwd < sent and fwd in self.answers:
+                self._forward(fwd, self.answers.pop(fwd))
+                fwd += 1
+            if done < fwd and (done in self.results or isinstance(self.decoded[done], BaseException)):
+                item = self.items.pop(done)
+                self.attempts.pop(done, None)
+                self.inputs.pop(done, None)
+                yield item, self.decoded.pop(done), self.results.pop(done, None)
+                done += 1
+                continue
+            if done == sent:
+                return
+            self._pump()
+
+    def _forward(self, seq: int, msg: Any) -> None:
+        """A decoded image to the inference process (or, after it was lost, to the agent's runtime)."""
+        from agent.inference.predict import Prepared
+
+        item = self.items[seq]
+        if msg[0] == "err":
+            self.decoded[seq] = ItemFailure(msg[2], msg[3])
+            return
+        _, _, shape, dtype, ow, oh, tf, fetch_ms, decode_ms = msg
+        self.decoded[seq] = Prepared(item, ow, oh, None, tf, None, fetch_ms, decode_ms)
+        self.inputs[seq] = (shape, dtype)
+        self._infer(seq)
+
+    def _infer(self, seq: int) -> None:
+        shape, dtype = self.inputs[seq]
+        rt = self.rt
+        if rt is not None:
+            rt.outstanding.append(seq)
+            rt.send(("run", seq, (seq % self.depth) * self.slot_bytes, shape, dtype, self.pipeline.manifest.input.name))
+            return
+        import numpy as np
+
+        view = np.ndarray(shape, np.dtype(dtype), buffer=self.shm.buf, offset=(seq % self.depth) * self.slot_bytes)
+        name = self.pipeline.manifest.input.name
+        try:
+            self.results[seq] = self.pipeline.model.infer({name: view} if name else view)
+        except Exception as e:
+            self.results[seq] = e
+        finally:
+            del view
+
+    def _pump(self) -> None:
+        """Wait for at least one answer (a decoder's or the inference process's), then read all that came."""
+        rt = self.rt
+        watch: list[Any] = []
+        for w in self.pool._workers:
+            if w.outstanding:
+                watch += [w.conn, w.proc.sentinel]
+        if rt is not None and rt.outstanding:
+            watch += [rt.answers, rt.proc.sentinel]
+        if not watch:
+            return
+        ready = wait(watch)
+        for w in list(self.pool._workers):
+            if w.outstanding and (w.conn in ready or w.proc.sentinel in ready):
+                try:
+                    while w.outstanding and w.conn.poll():
+                        msg = w.conn.recv()
+                        w.outstanding.remove(msg[1])
+                        self.answers[msg[1]] = msg
+                    if w.outstanding and not w.proc.is_alive() and not w.conn.poll():
+                        raise EOFError
+                except (EOFError, OSError):
+                    self._crashed(w)
+        if rt is not None and rt.outstanding and (rt.answers in ready or rt.proc.sentinel in ready):
+            self._read_runtime(rt)
+
+    def _read_runtime(self, rt: RuntimeWorker) -> None:
+        from accelerators.base import InferenceResult
+
+        try:
+            while rt.outstanding and rt.answers.poll():
+                msg = rt.answers.recv()
+                seq = rt.outstanding.popleft()  # answered in the order sent
+                if msg[0] == "ok":
+                    self.results[seq] = InferenceResult(msg[2], msg[3], rt.key.backend, rt.key.device)
+                else:
+                    self.results[seq] = RuntimeFailure(msg[2])
+            if rt.outstanding and not rt.proc.is_alive() and not rt.answers.poll():
+                raise EOFError
+        except (EOFError, OSError):
+            self._runtime_crashed(rt)
+
+    def _runtime_crashed(self, rt: RuntimeWorker) -> None:
+        lost = list(rt.outstanding)
+        rt.proc.join(1)
+        code = rt.proc.exitcode
+        culprit = lost[0] if lost else None
+        if culprit is not None:
+            n = self.rt_attempts[culprit] = self.rt_attempts.get(culprit, 0) + 1
+            item = self.items[culprit]
+            log.warning("inference process died (exit code %s) on %s; %s", code, item.id,
+                        "retrying it" if n <= self.pool.crash_retries else "reporting it as inference_crashed")
+            if n > self.pool.crash_retries:
+                self.decoded[culprit] = ItemFailure(
+                    "inference_crashed", f"image {item.id}: the inference runtime crashed on it (exit code {code})")
+                lost = lost[1:]
+        else:
+            log.warning("inference process died (exit code %s) between images", code)
+        self.rt = self.pool.replace_runtime(rt)
+        if self.rt is None:
+            log.warning("no inference process for the rest of this batch: it runs in the agent's process")
+        else:
+            self.rt.send(("attach", self.shm.name))
+        for seq in lost:  # their slots still hold their inputs: infer them again, in order
+            self._infer(seq)
 
     def _await(self, seq: int) -> Any:
         while seq not in self.answers:
@@ -316,6 +557,18 @@ class _Run:
         """Read the answers still on their way (the stream was left early), so that the next job starts clean; a
         worker that does not answer within the download timeout is replaced."""
         limit = time.monotonic() + self.pool.cfg.download_timeout_s + 5
+        rt = self.rt
+        if rt is not None:
+            try:
+                while rt.outstanding and rt.answers.poll(max(0.0, limit - time.monotonic())):
+                    rt.answers.recv()
+                    rt.outstanding.popleft()
+            except (EOFError, OSError):
+                pass
+            if rt.outstanding:  # hung or dead: the next job starts a fresh one
+                rt.outstanding.clear()
+                self.pool._drop_runtime()
+                self.rt = None
         for w in list(self.pool._workers):
             while w.outstanding:
                 left = limit - time.monotonic()
@@ -330,6 +583,17 @@ class _Run:
                     w.outstanding.clear()
                     self.pool.replace(w)
                     break
+
+
+class RuntimeFailure(Exception):
+    """An image's inference failed in the inference process; the message names the runtime's own error."""
+
+    def __init__(self, detail: tuple[str, str]):
+        super().__init__(detail[1])
+        self.kind = detail[0]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.args[0]}"
 
 
 def _owned(feed: Any, view: "np.ndarray") -> Any:

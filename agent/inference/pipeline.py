@@ -131,9 +131,7 @@ class Relay(Generic[T, V, R]):
         except BaseException as e:  # the source itself broke: hand it to the consumer rather than lose it
             self._error = e
         finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+            _close(it, self._source)
             self._put(self._END)
 
     def __iter__(self) -> Iterator[tuple[T, Union[V, BaseException], Union[R, BaseException, None]]]:
@@ -161,9 +159,19 @@ class Relay(Generic[T, V, R]):
                 except queue.Empty:
                     pass
             self._thread.join()
+        else:
+            _close(self._source)
 
     def __enter__(self) -> "Relay[T, V, R]":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close(*objs: Any) -> None:
+    """Close an iterator and its iterable (a lease on the decode pool is handed back even when never iterated)."""
+    for o in objs:
+        close = getattr(o, "close", None)
+        if close is not None:
+            close()

@@ -161,3 +161,37 @@ def run_job(ctl: Controller, node: str, params: dict[str, Any], timeout: float =
     out = ctl.wait(jid, timeout=timeout)
     out.elapsed = time.monotonic() - t0  # type: ignore[attr-defined]
     return out
+
+
+@pytest.fixture(scope="module")
+def pictures(image_dir: Path) -> list[str]:
+    """15 JPEGs (5 scikit-image pictures at 3 scales) under image_dir, as paths relative to it."""
+    import cv2
+    from skimage import data
+
+    d = image_dir / "procs"
+    d.mkdir(exist_ok=True)
+    out = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera"):
+        img = getattr(data, name)()
+        for scale in (0.5, 1.0, 2.2):
+            resized = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            out.append(str(write_jpeg(d / f"{name}-{scale}.jpg", resized).relative_to(image_dir)))
+    return out
+
+
+def worker_pids(agent_pid: int, comm: str) -> list[int]:
+    """The agent's worker processes named ``comm`` (cvw-decode, cvw-infer): children of its forkserver."""
+    procs: dict[int, tuple[int, str, str]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            name = (p / "comm").read_text().strip()
+        except (OSError, IndexError, ValueError):
+            continue
+        procs[int(p.name)] = (ppid, cmd, name)
+    servers = [pid for pid, (ppid, cmd, _) in procs.items() if ppid == agent_pid and "forkserver" in cmd]
+    return sorted(pid for pid, (ppid, _, name) in procs.items() if ppid in servers and name == comm)

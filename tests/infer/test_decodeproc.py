@@ -8,46 +8,18 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from tests.agent_proc import controller
-from tests.infer.conftest import items_of, make_agent, run_job, write_jpeg
-
-
-@pytest.fixture(scope="module")
-def pictures(image_dir: Path) -> list[str]:
-    import cv2
-    from skimage import data
-
-    d = image_dir / "procs"
-    d.mkdir(exist_ok=True)
-    out = []
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera"):
-        img = getattr(data, name)()
-        for scale in (0.5, 1.0, 2.2):
-            resized = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            out.append(str(write_jpeg(d / f"{name}-{scale}.jpg", resized).relative_to(image_dir)))
-    return out
+from tests.infer.conftest import items_of, make_agent, run_job, worker_pids
 
 
 def decode_workers(agent_pid: int) -> list[int]:
-    """The agent's decode worker processes: children of its multiprocessing forkserver."""
-    procs: dict[int, tuple[int, str]] = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-        procs[int(p.name)] = (ppid, cmd)
-    servers = [pid for pid, (ppid, cmd) in procs.items() if ppid == agent_pid and "forkserver" in cmd]
-    return sorted(pid for pid, (ppid, _) in procs.items() if ppid in servers)
+    """The agent's decode worker processes (children of its multiprocessing forkserver)."""
+    return worker_pids(agent_pid, "cvw-decode")
 
 
 def test_processes_and_threads_give_the_same_results(tmp_path, broker, image_dir, pictures):

@@ -34,6 +34,71 @@ def test_fast_preprocessing_equals_the_reference(resize: str, picture: str):
         assert a == pytest.approx(b, rel=1e-9)
 
 
+def _reference_tensor(image: np.ndarray, spec: InputSpec, image_color: str) -> np.ndarray:
+    """The preprocessing contract written the plain way: reverse the channels first, resize, then compute every
+    value with numpy's per-pixel float32 arithmetic (what models.preprocess did before its table lookup)."""
+    import cv2
+
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    image = image[:, :, :3]
+    if image_color != spec.color:
+        image = image[:, :, ::-1]
+    image = np.ascontiguousarray(image)
+    oh, ow = image.shape[:2]
+
+    def resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
+        if (img.shape[1], img.shape[0]) == (w, h):
+            return img
+        shrink = w < img.shape[1] or h < img.shape[0]
+        return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+    if spec.resize == "stretch":
+        out = resize(image, spec.width, spec.height)
+    else:
+        r = min(spec.width / ow, spec.height / oh)
+        nw, nh = max(1, round(ow * r)), max(1, round(oh * r))
+        px, py = (spec.width - nw) // 2, (spec.height - nh) // 2
+        out = np.full((spec.height, spec.width, 3), spec.pad_value, dtype=np.uint8)
+        out[py:py + nh, px:px + nw] = resize(image, nw, nh)
+    if spec.dtype == "float32":
+        x = (out.astype(np.float32) - np.asarray(spec.mean, np.float32)) * (1.0 / np.asarray(spec.std, np.float32))
+    elif spec.dtype == "uint8":
+        x = out
+    else:
+        x = (out.astype(np.int16) - 128).astype(np.int8)
+    if spec.layout == "NCHW":
+        x = x.transpose(2, 0, 1)
+    return np.ascontiguousarray(x[None])
+
+
+def test_preprocessing_is_bit_identical_to_the_per_pixel_formula():
+    rng = np.random.default_rng(7)
+    specs = [InputSpec(width=128, height=128, mean=[127.5], std=[127.5]),
+             InputSpec(width=224, height=224, layout="NCHW", mean=[123.675, 116.28, 103.53],
+                       std=[58.395, 57.12, 57.375]),
+             InputSpec(width=96, height=64, dtype="uint8", color="BGR", resize="letterbox"),
+             InputSpec(width=80, height=120, dtype="int8", layout="NCHW", resize="letterbox")]
+    specs += [InputSpec(width=int(rng.integers(32, 320)), height=int(rng.integers(32, 320)), resize=resize,
+                        color=color, mean=[float(v) for v in rng.uniform(0, 255, 3)],
+                        std=[float(v) for v in rng.uniform(1, 100, 3)])
+              for resize in ("stretch", "letterbox") for color in ("RGB", "BGR")]
+    checked = 0
+    for spec in specs:
+        for _ in range(8):
+            h, w = int(rng.integers(20, 700)), int(rng.integers(20, 700))
+            shape = (h, w) if rng.random() < 0.2 else (h, w, int(rng.choice([3, 4])))
+            img = rng.integers(0, 256, shape, dtype=np.uint8)
+            for color in ("RGB", "BGR"):
+                got, _ = prepare(img, spec, color)
+                want = _reference_tensor(img, spec, color)
+                assert got.shape == want.shape and got.dtype == want.dtype
+                assert got.flags.c_contiguous
+                assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (spec, shape, color)
+                checked += 1
+    assert checked == len(specs) * 16
+
+
 def test_prefetch_keeps_order_bounds_work_in_flight_and_passes_errors():
     started: list[int] = []
     lock = threading.Lock()
