@@ -40,6 +40,10 @@ ConfigurationDirectory=cv-worker
 ConfigurationDirectoryMode=0750
 UMask=0027
 Environment=PYTHONUNBUFFERED=1
+# Batch inference runs its slower stage (decode or inference process) ahead of the faster one by lowering the
+# faster one's priority, and must be able to raise it back when the next model flips them (nice 0 at best,
+# never above the agent's own): agent/inference/decodeproc.py, DecodePool.prioritise.
+LimitNICE=+0
 
 # --- hardening (systemd-analyze security --offline=yes: see docs/deployment.md) ---
 NoNewPrivileges=yes
