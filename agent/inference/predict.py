@@ -147,6 +147,8 @@ class Predictor:
     """Runs prepared images through one loaded pipeline with a request's threshold and filters."""
 
     def __init__(self, pipeline: "Pipeline", params: InferParams):
+        from models.decoders import decoder_for
+
         self.pipeline = pipeline
         self.params = params
         spec = pipeline.manifest.decoder
@@ -158,6 +160,12 @@ class Predictor:
             spec = spec.model_copy(update={"top_k": params.top_k})
         self.decoder_spec = spec
         self.classes = set(params.classes) if params.classes else None
+        # What ``finish`` needs for every image, looked up once: it runs on the job's thread, per image.
+        self._decode = decoder_for(spec.type)
+        self._model_name = pipeline.manifest.name
+        self._labels = pipeline.labels
+        self._task = pipeline.manifest.task
+        self._filtered = self.classes is not None or params.threshold is not None
 
     def infer(self, prep: Prepared) -> tuple[ItemResult, Any]:
         """The item's result, and the decoded result (for drawing)."""
@@ -180,20 +188,22 @@ class Predictor:
     def finish(self, prep: Prepared, res: "InferenceResult") -> tuple[ItemResult, Any]:
         """Output decoder and the request's filters on the runtime's outputs: the item's result, and the decoded
         result (for drawing)."""
-        from models.decoders import decode
-
-        MODEL_METRICS.record(self.pipeline.manifest.name, res.infer_ms, backend=res.backend)
-        dec = decode(self.decoder_spec, res.outputs, prep.transform, self.pipeline.labels)
+        MODEL_METRICS.record(self._model_name, res.infer_ms, backend=res.backend)
+        dec = self._decode(self.decoder_spec, res.outputs, prep.transform, self._labels)
         p = self.params
-        dets = [d for d in dec.detections if self._keep(d.label, d.score)]
-        dets.sort(key=lambda d: d.score, reverse=True)
-        if p.max_detections is not None:
-            dets = dets[: p.max_detections]
-        classes = [c for c in dec.classes if self._keep(c.label, c.score)]
-        classes.sort(key=lambda c: c.score, reverse=True)
-        if p.top_k is not None:
-            classes = classes[: p.top_k]
-        task = self.pipeline.manifest.task
+        dets = dec.detections
+        if dets:
+            dets = [d for d in dets if self._keep(d.label, d.score)] if self._filtered else list(dets)
+            dets.sort(key=_score, reverse=True)
+            if p.max_detections is not None:
+                dets = dets[: p.max_detections]
+        classes = dec.classes
+        if classes:
+            classes = [c for c in classes if self._keep(c.label, c.score)] if self._filtered else list(classes)
+            classes.sort(key=_score, reverse=True)
+            if p.top_k is not None:
+                classes = classes[: p.top_k]
+        task = self._task
         out = ItemResult(
             id=prep.item.id, ok=True, width=prep.width, height=prep.height,
             detections=[_detection(d) for d in dets] if (task == "detection" or dets) else None,
@@ -209,6 +219,10 @@ class Predictor:
         if self.classes is not None and label not in self.classes:
             return False
         return self.params.threshold is None or score >= self.params.threshold
+
+
+def _score(d: Any) -> float:
+    return d.score
 
 
 def _mask(dec: Any) -> Optional[dict[str, Any]]:
@@ -236,8 +250,11 @@ def mask_png(dec: Any, width: int, height: int) -> Optional[bytes]:
 
 
 def _detection(d: Any) -> dict[str, Any]:
+    # Python's round on Python floats, always: np.round differs from it on some values (it scales, rounds to
+    # an integer and scales back), and these figures must not change from one release to the next.
+    x1, y1, x2, y2 = d.box
     out: dict[str, Any] = {"label": d.label, "score": round(float(d.score), 5),
-                           "box": [round(float(v), 1) for v in d.box]}
+                           "box": [round(float(x1), 1), round(float(y1), 1), round(float(x2), 1), round(float(y2), 1)]}
     if d.keypoints:
         out["keypoints"] = [[round(float(x), 1), round(float(y), 1)] for x, y in d.keypoints]
     return out

@@ -7,7 +7,7 @@ the right one from the manifest's ``decoder.type``.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,9 +25,17 @@ _MODULES = {
 }
 
 
+Decoder = Callable[[Any, Mapping[str, np.ndarray], Transform, list[str]], DecodeResult]
+
+
+def decoder_for(decoder_type: str) -> Decoder:
+    """The ``decode`` function of one decoder type, for callers that decode many images with one spec."""
+    fn: Decoder = importlib.import_module(_MODULES[decoder_type]).decode
+    return fn
+
+
 def decode(spec: Any, outputs: Mapping[str, np.ndarray], transform: Transform, labels: list[str]) -> DecodeResult:
-    mod = importlib.import_module(_MODULES[spec.type])
-    return mod.decode(spec, outputs, transform, labels)
+    return decoder_for(spec.type)(spec, outputs, transform, labels)
 
 
-__all__ = ["DecodeResult", "decode"]
+__all__ = ["DecodeResult", "Decoder", "decode", "decoder_for"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from models.decoders.common import DecodeResult, iou_one_to_many, make_detections
+from models.decoders.common import DecodeResult, box_areas, iou_rest, make_detections
 from models.preprocess import Transform
 
 # variant -> (input size, [(stride, anchors per cell)])
@@ -59,47 +59,75 @@ def _logit(p: float) -> float:
     return float(np.log(p / (1.0 - p))) - 1e-6
 
 
-def weighted_nms(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, iou: float, max_out: int) -> list[tuple]:
-    """MediaPipe's WEIGHTED overlap: each cluster becomes its score-weighted mean; its score is the best one's."""
+@lru_cache(maxsize=16)
+def _plan(variant: str, score_threshold: float) -> tuple[int, np.ndarray, float]:
+    """What one decoder spec needs for every image, worked out once: input size, anchors, threshold as a logit."""
+    return VARIANTS[variant][0], anchors(variant), _logit(score_threshold)
+
+
+def weighted_nms(geo: np.ndarray, scores: np.ndarray, iou: float, max_out: int) -> tuple[np.ndarray, list[float]]:
+    """MediaPipe's WEIGHTED overlap on rows of x1, y1, x2, y2 then the keypoints: each cluster becomes its
+    score-weighted mean, with the score of its best member. Returns the merged rows and their scores.
+
+    The weighted sums run down the rows (axis 0) of one array, box and keypoints together: NumPy adds each column
+    in row order, exactly as when boxes and keypoints were summed apart."""
+    boxes = geo[:, :4]
+    areas = box_areas(boxes)
     order = np.argsort(-scores, kind="stable")
-    out = []
-    while order.size and len(out) < max_out:
+    out = np.empty((min(len(order), max_out), geo.shape[1]), dtype=np.float64)
+    best: list[float] = []
+    while order.size and len(best) < max_out:
         top = order[0]
-        overlap = iou_one_to_many(boxes[top], boxes[order])
+        overlap = iou_rest(boxes, areas, top, order)
         members = order[overlap > iou]
         w = scores[members][:, None]
-        box = (boxes[members] * w).sum(axis=0) / w.sum()
-        kp = (kps[members] * w[:, :, None]).sum(axis=0) / w.sum()
-        out.append((box, kp, scores[top]))
+        if len(best) == len(out):  # a box without area does not overlap itself: it stays first until max_out
+            out = np.concatenate([out, np.empty_like(out)])
+        np.divide(np.add.reduce(geo[members] * w, axis=0), np.add.reduce(w, axis=None), out=out[len(best)])
+        best.append(float(scores[top]))
         order = order[overlap <= iou]
-    return out
+    return out[: len(best)], best
 
 
 def decode(spec: Any, outputs: Mapping[str, np.ndarray], transform: Transform, labels: list[str]) -> DecodeResult:
-    size, _ = VARIANTS[spec.variant]
+    size, anc, cut = _plan(spec.variant, spec.score_threshold)
     reg, logits = _split(outputs)
-    anc = anchors(spec.variant)
     if len(anc) != len(reg):
         raise ValueError(f"blazeface {spec.variant} expects {len(anc)} anchors, the model gives {len(reg)}")
     # Threshold in logit space (sigmoid is monotonic), so only the few anchors kept are converted and scored:
-    # this runs once per image on the job's thread, beside the runtime.
-    keep = np.nonzero(logits >= _logit(spec.score_threshold))[0]
-    reg, anc = reg[keep].astype(np.float64), anc[keep]
-    scores = 1.0 / (1.0 + np.exp(-np.clip(logits[keep].astype(np.float64), -100.0, 100.0)))
-    keep = scores >= spec.score_threshold  # float rounding at the boundary: the same set as before
-    reg, anc, scores = reg[keep], anc[keep], scores[keep]
-    cx = reg[:, 0] / size + anc[:, 0]
-    cy = reg[:, 1] / size + anc[:, 1]
-    w = reg[:, 2] / size
-    h = reg[:, 3] / size
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-    kps = reg[:, 4:16].reshape(-1, 6, 2) / size + anc[:, None, :]
-    merged = weighted_nms(boxes, kps, scores, spec.iou_threshold, spec.max_detections)
-    if not merged:
+    # this runs once per image on the job's thread, beside the runtime. Most images have no face: nothing kept.
+    keep = (logits >= cut).nonzero()[0]
+    if not keep.size:
         return DecodeResult()
-    scale = np.array([transform.in_w, transform.in_h, transform.in_w, transform.in_h], dtype=np.float64)
-    b = np.stack([m[0] for m in merged]) * scale
-    k = np.stack([m[1] for m in merged]) * np.array([transform.in_w, transform.in_h], dtype=np.float64)
-    s = np.array([m[2] for m in merged])
+    # Kept logits are never NaN (NaN >= cut is false), so the clip to +-100 can be maximum/minimum, whose only
+    # difference from np.clip (the sign of a zero) vanishes in exp.
+    z = np.minimum(np.maximum(logits[keep].astype(np.float64), -100.0), 100.0)
+    scores = 1.0 / (1.0 + np.exp(-z))
+    ok = scores >= spec.score_threshold  # float rounding at the boundary: the same set as before
+    keep, scores = keep[ok], scores[ok]
+    if not keep.size:
+        return DecodeResult()
+    a = anc[keep]
+    geo = reg[keep].astype(np.float64)
+    geo /= size  # box centre, box size, 6 keypoints: in 0..1 of the input
+    xy = geo.reshape(-1, 8, 2)  # a view: the (x, y) pairs of each row, turned into x1 y1, x2 y2, keypoints
+    np.add(xy[:, 2:], a[:, None, :], out=xy[:, 2:])
+    centre = xy[:, 0] + a
+    half = xy[:, 1] / 2
+    np.subtract(centre, half, out=xy[:, 0])
+    np.add(centre, half, out=xy[:, 1])
+    merged, best = weighted_nms(geo, scores, spec.iou_threshold, spec.max_detections)
+    if not best:
+        return DecodeResult()
+    merged *= _input_scale(transform.in_w, transform.in_h)
     labels = labels or ["face"]
-    return DecodeResult(detections=make_detections(b, s, np.zeros(len(s), dtype=int), labels, transform, k))
+    return DecodeResult(detections=make_detections(merged[:, :4], best, [0] * len(best), labels, transform,
+                                                   merged[:, 4:].reshape(-1, 6, 2)))
+
+
+@lru_cache(maxsize=8)
+def _input_scale(in_w: int, in_h: int) -> np.ndarray:
+    """0..1 of the input -> input pixels, for a merged row (box, then keypoints): x by the width, y by the height."""
+    out = np.array([in_w, in_h] * 8, dtype=np.float64)
+    out.flags.writeable = False
+    return out

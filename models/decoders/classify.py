@@ -22,10 +22,11 @@ def decode(spec: Any, outputs: Mapping[str, np.ndarray], transform: Transform, l
     if spec.apply_softmax:
         scores = softmax(scores)
     order = np.argsort(-scores, kind="stable")[: spec.top_k]
+    threshold = spec.score_threshold
     return DecodeResult(
         classes=[
-            ClassScore(label=label_for(labels, int(i)), class_id=int(i), score=float(scores[i]))
-            for i in order
-            if scores[i] >= spec.score_threshold
+            ClassScore(label=label_for(labels, i), class_id=i, score=s)
+            for i, s in zip(order.tolist(), scores[order].tolist())
+            if s >= threshold
         ]
     )

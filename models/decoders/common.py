@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -55,29 +55,43 @@ def valid_region(transform: Transform, map_w: int, map_h: int) -> tuple[slice, s
     return slice(max(0, y0), min(map_h, max(y1, y0 + 1))), slice(max(0, x0), min(map_w, max(x1, x0 + 1)))
 
 
-def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+def box_areas(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def iou_rest(boxes: np.ndarray, areas: np.ndarray, i: int, rest: np.ndarray) -> np.ndarray:
+    """IoU of ``boxes[i]`` with each of ``boxes[rest]``; ``areas`` from ``box_areas``, worked out once per NMS.
+
+    NMS calls this once per kept box on the job's thread, so it is written for few numpy calls, and it gives the
+    IoU values of the plain formula kept in tests/infer/reference.py: ``np.maximum(d, 0)`` is what
+    ``np.clip(d, 0, None)`` computes in NumPy 2 (NumPy 1 may give a zero of the other sign, which compares the
+    same against a threshold), and dividing only where the union is positive, 0 elsewhere, is what the two
+    ``np.where`` there give."""
+    b = boxes[rest]
+    top = boxes[i]
+    d = np.minimum(top[2:4], b[:, 2:4])  # x2, y2 of each intersection ...
+    d -= np.maximum(top[0:2], b[:, 0:2])  # ... minus x1, y1: its width and height
+    np.maximum(d, 0, out=d)
+    inter = d[:, 0] * d[:, 1]
+    union = areas[i] + areas[rest]
+    union -= inter
+    out = np.zeros(len(rest), dtype=np.float64)
+    np.divide(inter, union, out=out, where=union > 0)
+    return out
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_out: int) -> list[int]:
     """Greedy hard NMS; returns kept indices, best first."""
     order = np.argsort(-scores, kind="stable")
+    areas = box_areas(boxes)
     keep: list[int] = []
     while order.size and len(keep) < max_out:
         i = int(order[0])
         keep.append(i)
         if order.size == 1:
             break
-        ious = iou_one_to_many(boxes[i], boxes[order[1:]])
-        order = order[1:][ious <= iou_threshold]
+        rest = order[1:]
+        order = rest[iou_rest(boxes, areas, i, rest) <= iou_threshold]
     return keep
 
 
@@ -89,21 +103,40 @@ def make_detections(
     transform: Transform,
     keypoints_in: Optional[np.ndarray] = None,
 ) -> list[Detection]:
-    """Boxes/keypoints in model-input pixels -> Detections in original-image pixels."""
+    """Boxes/keypoints in model-input pixels -> Detections in original-image pixels.
+
+    The arithmetic of ``Transform.boxes_to_original``/``points_to_original`` (subtract the padding, divide by
+    the scale, clip boxes to the image) in fewer numpy calls, and the numbers leave numpy in one ``tolist`` each:
+    this runs for every image on the job's thread."""
     if len(boxes_in) == 0:
         return []
-    boxes = transform.boxes_to_original(np.asarray(boxes_in, dtype=np.float64))
-    kps = transform.points_to_original(np.asarray(keypoints_in, dtype=np.float64)) if keypoints_in is not None else None
-    out = []
-    for i in range(len(boxes)):
-        cid = int(class_ids[i])
-        out.append(
-            Detection(
-                label=label_for(labels, cid),
-                class_id=cid,
-                score=float(scores[i]),
-                box=(float(boxes[i, 0]), float(boxes[i, 1]), float(boxes[i, 2]), float(boxes[i, 3])),
-                keypoints=[(float(x), float(y)) for x, y in kps[i]] if kps is not None else None,
-            )
-        )
-    return out
+    t = transform
+    b = np.asarray(boxes_in, dtype=np.float64)
+    # x and y columns apart, each clipped as one contiguous (N, 2) array: Transform.boxes_to_original's numbers
+    # (np.clip may treat a zero's sign differently on other memory layouts, and "-0.0" would show in the results).
+    # Boxes well inside the image, the usual case, skip the clip: it returns such values unchanged.
+    bx = (b[:, 0::2] - t.pad_x) / t.scale_x
+    xs = bx.tolist()
+    if not _inside(xs, t.orig_w):
+        xs = bx.clip(0, t.orig_w).tolist()
+    by = (b[:, 1::2] - t.pad_y) / t.scale_y
+    ys = by.tolist()
+    if not _inside(ys, t.orig_h):
+        ys = by.clip(0, t.orig_h).tolist()
+    kps: Optional[list[Any]] = None
+    if keypoints_in is not None:
+        k = np.asarray(keypoints_in, dtype=np.float64)
+        kps = ((k - (t.pad_x, t.pad_y)) / (t.scale_x, t.scale_y)).tolist()
+    cids = [int(c) for c in np.asarray(class_ids).tolist()]
+    s = np.asarray(scores).astype(np.float64, copy=False).tolist()
+    # Detection's validation makes the box and the [x, y] pairs tuples, as the tuples once built here by hand.
+    return [
+        Detection(label=label_for(labels, cid), class_id=cid, score=s[i], box=(x[0], y[0], x[1], y[1]),
+                  keypoints=kps[i] if kps is not None else None)
+        for i, (cid, x, y) in enumerate(zip(cids, xs, ys))
+    ]
+
+
+def _inside(pairs: list[list[float]], hi: float) -> bool:
+    """All values strictly between 0 and ``hi`` (false for NaN)."""
+    return all(0 < a < hi and 0 < b < hi for a, b in pairs)
