@@ -19,6 +19,7 @@ results (tens of kB each for a detector) wait there without blocking the runtime
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections import deque
 from multiprocessing.connection import Connection
@@ -58,6 +59,16 @@ def set_process_name(name: str) -> None:
         pass
 
 
+def send(conn: Connection, msg: Any) -> None:
+    """A message to or from a worker: plain pickle (multiprocessing's own pickler builds a reducer table per message,
+    a few microseconds of the job's thread per image; nothing sent here needs it)."""
+    conn.send_bytes(pickle.dumps(msg, pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 def _grow_pipe(conn: Connection) -> None:
     try:
         import fcntl
@@ -82,7 +93,7 @@ def _runtime_main(commands: Connection, answers: Connection) -> None:
     shm: Optional[shared_memory.SharedMemory] = None
     while True:
         try:
-            msg = commands.recv()
+            msg = recv(commands)
         except (EOFError, OSError):
             break  # the agent is gone
         kind = msg[0]
@@ -98,7 +109,7 @@ def _runtime_main(commands: Connection, answers: Connection) -> None:
                 except Exception as e:  # this image's failure; the next one is tried as usual
                     out = ("err", seq, (type(e).__name__, str(e)))
                 del view  # the ring can only be detached once no array points into it
-                answers.send(out)
+                send(answers, out)
             elif kind == "attach":
                 if shm is not None:
                     shm.close()
@@ -113,9 +124,9 @@ def _runtime_main(commands: Connection, answers: Connection) -> None:
 
                     t0 = time.perf_counter()
                     model = backend_class(key.backend)(key.config).load(Path(key.path), key.device)
-                    answers.send(("ready", (time.perf_counter() - t0) * 1000))
+                    send(answers, ("ready", (time.perf_counter() - t0) * 1000))
                 except Exception as e:
-                    answers.send(("error", f"{type(e).__name__}: {e}"))
+                    send(answers, ("error", f"{type(e).__name__}: {e}"))
         except (EOFError, OSError, BrokenPipeError):
             break
     if shm is not None:
@@ -144,7 +155,7 @@ class RuntimeWorker:
 
     def send(self, msg: Any) -> bool:
         try:
-            self.commands.send(msg)
+            send(self.commands, msg)
             return True
         except (OSError, EOFError, ValueError):
             return False  # dead: noticed when its answer is awaited
@@ -154,7 +165,7 @@ class RuntimeWorker:
         if self.state == "loading":
             try:
                 if self.answers.poll(timeout):
-                    kind, detail = self.answers.recv()
+                    kind, detail = recv(self.answers)
                     if kind == "ready":
                         self.state = "ready"
                         log.info("inference process (pid %s) loaded %s in %.0f ms; batches of this model run there",
