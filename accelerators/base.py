@@ -89,6 +89,9 @@ class LoadedModel(ABC):
         self.inputs = inputs
         self.outputs = outputs
         self.load_ms = 0.0
+        # True when ``stage`` turns the model's NHWC input into NCHW for the runtime and nothing else: a pipeline
+        # may then write the tensor in NCHW itself and hand it over as ``Staged``.
+        self.wants_nchw = False
         # Runtimes' single-request objects (InferRequest, Interpreter, cv2.dnn.Net) are not thread-safe.
         self._lock = threading.Lock()
 

@@ -46,6 +46,7 @@ class OpenCVModel(LoadedModel):
         self._names = names
         # TFLite models take NHWC (as under LiteRT); OpenCV's TFLite importer wants NCHW, so transpose here.
         self._nhwc = nhwc_input
+        self.wants_nchw = nhwc_input
 
     def stage(self, inputs: Inputs) -> Staged:
         if isinstance(inputs, Staged):

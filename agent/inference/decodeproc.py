@@ -73,6 +73,7 @@ def _worker_main(conn: Connection) -> None:
     cfg: Optional[InferenceConfig] = None
     spec: Any = None
     slot_bytes = 0
+    to_nchw = False
     while True:
         try:
             msg = recv(conn)
@@ -82,7 +83,7 @@ def _worker_main(conn: Connection) -> None:
         if kind == "stop":
             break
         if kind == "setup":
-            _, cfg, spec, name, slot_bytes = msg
+            _, cfg, spec, name, slot_bytes, to_nchw = msg
             if shm is not None:
                 shm.close()
             shm = shared_memory.SharedMemory(name=name) if name else None
@@ -101,6 +102,8 @@ def _worker_main(conn: Connection) -> None:
             if (rw, rh) != (ow, oh):
                 tf = Transform(tf.scale_x * rw / ow, tf.scale_y * rh / oh, tf.pad_x, tf.pad_y, ow, oh, tf.in_w,
                                tf.in_h)
+            if to_nchw and x.ndim == 4:  # the runtime's own layout (OpenCV's TFLite importer), written in one copy
+                x = x.transpose(0, 3, 1, 2)
             if x.nbytes > slot_bytes:
                 raise ValueError(f"tensor of {x.nbytes} bytes does not fit a {slot_bytes}-byte slot")
             np.ndarray(x.shape, x.dtype, buffer=shm.buf, offset=slot * slot_bytes)[...] = x
@@ -315,7 +318,10 @@ class Lease:
         spec: InputSpec = self.pipeline.manifest.input
         slot_bytes = spec.width * spec.height * 3 * _ITEMSIZE[spec.dtype]
         shm = shared_memory.SharedMemory(create=True, size=slot_bytes * self.depth)
-        run = _Run(self.pool, self.pipeline, shm, slot_bytes, self.depth)
+        # With an inference process, the decode workers also convert the tensor to the runtime's layout, so that
+        # the process does nothing but run the model.
+        staged = self.runtime is not None and getattr(self.pipeline.model, "wants_nchw", False)
+        run = _Run(self.pool, self.pipeline, shm, slot_bytes, self.depth, staged)
         try:
             for w in self.pool._workers:
                 run.setup(w)
@@ -326,7 +332,7 @@ class Lease:
         finally:
             run.drain()
             for w in self.pool._workers:
-                w.send(("setup", None, None, None, 0))  # detach the ring before it is unlinked
+                w.send(("setup", None, None, None, 0, False))  # detach the ring before it is unlinked
             if run.rt is not None:
                 run.rt.send(("attach", None))
             shm.close()
@@ -353,8 +359,10 @@ class Lease:
 class _Run:
     """One job's use of the pool: dispatch within a window of ``depth`` images, answers read back in order."""
 
-    def __init__(self, pool: DecodePool, pipeline: "Pipeline", shm: Any, slot_bytes: int, depth: int):
+    def __init__(self, pool: DecodePool, pipeline: "Pipeline", shm: Any, slot_bytes: int, depth: int,
+                 staged: bool = False):
         self.pool = pool
+        self.staged = staged
         self.pipeline = pipeline
         self.shm = shm
         self.slot_bytes = slot_bytes
@@ -378,7 +386,7 @@ class _Run:
         self._polled: tuple[int, ...] = ()
 
     def setup(self, w: _Worker) -> None:
-        w.send(("setup", self.pool.cfg, self.pipeline.manifest.input, self.shm.name, self.slot_bytes))
+        w.send(("setup", self.pool.cfg, self.pipeline.manifest.input, self.shm.name, self.slot_bytes, self.staged))
 
     def _dispatch(self, seq: int) -> None:
         w = min(self.pool._workers, key=lambda w: len(w.outstanding))
@@ -462,14 +470,18 @@ class _Run:
         rt = self.rt
         if rt is not None:
             rt.outstanding.append(seq)
-            rt.send(("run", seq, (seq % self.depth) * self.slot_bytes, shape, dtype, self.pipeline.manifest.input.name))
+            rt.send(("run", seq, (seq % self.depth) * self.slot_bytes, shape, dtype, self.pipeline.manifest.input.name,
+                     self.staged))
             return
         import numpy as np
+
+        from accelerators.base import Staged
 
         view = np.ndarray(shape, np.dtype(dtype), buffer=self.shm.buf, offset=(seq % self.depth) * self.slot_bytes)
         name = self.pipeline.manifest.input.name
         try:
-            self.results[seq] = self.pipeline.model.infer({name: view} if name else view)
+            feed = Staged({"": view}) if self.staged else ({name: view} if name else view)
+            self.results[seq] = self.pipeline.model.infer(feed)
         except Exception as e:
             self.results[seq] = e
         finally:

@@ -89,6 +89,8 @@ def _runtime_main(commands: Connection, answers: Connection) -> None:
 
     import numpy as np
 
+    from accelerators.base import Staged
+
     model: Any = None
     shm: Optional[shared_memory.SharedMemory] = None
     while True:
@@ -101,10 +103,11 @@ def _runtime_main(commands: Connection, answers: Connection) -> None:
             break
         try:
             if kind == "run":
-                _, seq, offset, shape, dtype, name = msg
+                _, seq, offset, shape, dtype, name, staged = msg
                 view = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf, offset=offset)  # type: ignore[union-attr]
                 try:
-                    res = model.infer({name: view} if name else view)
+                    # staged: the decode worker already wrote the runtime's own layout (LoadedModel.wants_nchw)
+                    res = model.infer(Staged({"": view}) if staged else ({name: view} if name else view))
                     out: tuple[Any, ...] = ("ok", seq, res.outputs, res.infer_ms)
                 except Exception as e:  # this image's failure; the next one is tried as usual
                     out = ("err", seq, (type(e).__name__, str(e)))
