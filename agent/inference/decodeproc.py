@@ -242,8 +242,9 @@ class DecodePool:
         rt = self._runtime = RuntimeWorker(self._ctx, old.key)
         return rt if rt.ready(RUNTIME_LOAD_TIMEOUT_S) else None
 
-    def prioritise(self, slower: str) -> None:
-        """Give the slower stage ("decode" or "infer") the CPU first: the faster one runs YIELD_NICE lower.
+    def prioritise(self, slower: Optional[str]) -> None:
+        """Give the slower stage ("decode" or "infer") the CPU first: the faster one runs YIELD_NICE lower; None:
+        both at the agent's own priority (a batch whose inference runs in the agent).
 
         On a small CPU the two stages, the agent's threads and the broker compete for the cores; a stage that waits
         in the run queue while the other has time to spare is lost throughput when it is the slower one (measured:
@@ -251,10 +252,10 @@ class DecodePool:
         RLIMIT_NICE (the systemd unit sets LimitNICE=+0); without it a stage stays where it was."""
         base = os.getpriority(os.PRIO_PROCESS, 0)
         lower = min(19, base + YIELD_NICE)
-        targets = [(w.proc.pid, base if slower == "decode" else lower) for w in self._workers]
+        targets = [(w.proc.pid, lower if slower == "infer" else base) for w in self._workers]
         rt = self._runtime
         if rt is not None:
-            targets.append((rt.proc.pid, base if slower == "infer" else lower))
+            targets.append((rt.proc.pid, lower if slower == "decode" else base))
         for pid, nice in targets:
             if pid is None or self._nice.get(pid) == nice:
                 continue
@@ -263,7 +264,8 @@ class DecodePool:
                 self._nice[pid] = nice
             except OSError as e:  # not permitted (raising it back without RLIMIT_NICE), or already gone
                 log.debug("cannot set the nice value of worker %s to %s: %s", pid, nice, e)
-        log.debug("the %s stage is the slower one: it gets the CPU first", slower)
+        if slower is not None:
+            log.debug("the %s stage is the slower one: it gets the CPU first", slower)
 
     def runtime_pid(self) -> Optional[int]:
         rt = self._runtime
@@ -328,6 +330,7 @@ class Lease:
             if self.runtime is not None:
                 yield from run.stream_inferred(self.items, self.runtime)
             else:
+                self.pool.prioritise(None)  # a previous batch may have left the decode workers yielding
                 yield from run.stream(self.items)
         finally:
             run.drain()

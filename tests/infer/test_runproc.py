@@ -179,3 +179,38 @@ def test_runtime_key_keeps_accelerator_devices_in_the_agent():
                                                                       "litert-config")
     for backend, device in (("litert", "EdgeTPU"), ("openvino", "MYRIAD"), ("openvino", "GPU"), ("gone", "CPU")):
         assert runtime_key(node, pipeline(backend, device)) is None, (backend, device)
+
+
+def test_the_slower_stage_gets_the_cpu_first_and_priorities_come_back(image_dir, pictures):
+    from accelerators.registry import create_backends
+    from agent.inference.config import InferenceConfig
+    from agent.inference.decodeproc import YIELD_NICE, DecodePool
+    from agent.inference.params import ImageItem
+    from agent.inference.runproc import RuntimeKey
+    from models.catalog import BLAZEFACE_INPUT, locate
+    from models.manifest import InputSpec
+
+    backend = create_backends()["opencv"]
+    model = backend.load(locate("blazeface"))
+    pipeline: Any = SimpleNamespace(manifest=SimpleNamespace(input=InputSpec(**BLAZEFACE_INPUT)), model=model)
+    key = RuntimeKey("opencv", "CPU", str(locate("blazeface")), backend.config)
+    pool = DecodePool(InferenceConfig(input_dirs=[image_dir]), workers=1)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        items = [ImageItem(id=f"i{i}", path=p) for i, p in enumerate(pictures * 3)]  # 45: past the 32-image sample
+        lease = pool.try_stream(pipeline, items, depth=4, runtime=key, wait=True)
+        assert lease is not None and lease.inferred
+        got = list(lease)
+        assert len(got) == len(items)
+        decode_pid, runtime_pid = pool.pids()[0], pool.runtime_pid()
+        assert runtime_pid is not None
+        # which stage was slower depends on the machine; the other one was made to yield
+        nices = {os.getpriority(os.PRIO_PROCESS, decode_pid), os.getpriority(os.PRIO_PROCESS, runtime_pid)}
+        assert nices == {base, min(19, base + YIELD_NICE)}
+        for slower, decode_nice, runtime_nice in (("infer", base + YIELD_NICE, base),
+                                                  ("decode", base, base + YIELD_NICE), (None, base, base)):
+            pool.prioritise(slower)
+            assert os.getpriority(os.PRIO_PROCESS, decode_pid) == min(19, decode_nice), slower
+            assert os.getpriority(os.PRIO_PROCESS, runtime_pid) == min(19, runtime_nice), slower
+    finally:
+        pool.close()
