@@ -177,8 +177,9 @@ class StateStore:
     def _commit_once(self) -> None:
         with self._cond:
             gen = self._gen
-            blobs = [(s, s.snapshot()) for s in self._storages if s.dirty]
+            snapshots = [(s, s.snapshot_parts()) for s in self._storages if s.dirty]
             results, self._unsynced_results = self._unsynced_results, set()
+        blobs = [(storage, storage.join(parts)) for storage, parts in snapshots]
         try:
             # Result lines first: a state commit that counts a result must never reach disk before it.
             for path in results:
