@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from models.decoders.common import DecodeResult, box_areas, iou_rest, make_detections
+from models.decoders.common import DecodeResult, iou_rest, make_detections, nms_candidates
 from models.preprocess import Transform
 
 # variant -> (input size, [(stride, anchors per cell)])
@@ -70,22 +70,23 @@ def weighted_nms(geo: np.ndarray, scores: np.ndarray, iou: float, max_out: int) 
     score-weighted mean, with the score of its best member. Returns the merged rows and their scores.
 
     The weighted sums run down the rows (axis 0) of one array, box and keypoints together: NumPy adds each column
-    in row order, exactly as when boxes and keypoints were summed apart."""
-    boxes = geo[:, :4]
-    areas = box_areas(boxes)
-    order = np.argsort(-scores, kind="stable")
+    in row order, exactly as when boxes and keypoints were summed apart. Rows that NMS cannot handle (not finite,
+    inverted) are left out by ``nms_candidates``."""
+    boxes, areas, order = nms_candidates(geo[:, :4], scores, geo)
+    # Each cluster takes at least its top row out of ``order``: never more clusters than rows.
     out = np.empty((min(len(order), max_out), geo.shape[1]), dtype=np.float64)
     best: list[float] = []
     while order.size and len(best) < max_out:
         top = order[0]
-        overlap = iou_rest(boxes, areas, top, order)
-        members = order[overlap > iou]
+        member = iou_rest(boxes, areas, top, order) > iou
+        # The top row is in its own cluster by its place, not by its IoU with itself, which is not above every
+        # threshold (at 1, or for a box without area): else it stayed on top, a NaN mean of no rows, until max_out.
+        member[0] = True
+        members = order[member]
         w = scores[members][:, None]
-        if len(best) == len(out):  # a box without area does not overlap itself: it stays first until max_out
-            out = np.concatenate([out, np.empty_like(out)])
         np.divide(np.add.reduce(geo[members] * w, axis=0), np.add.reduce(w, axis=None), out=out[len(best)])
         best.append(float(scores[top]))
-        order = order[overlap <= iou]
+        order = order[~member]
     return out[: len(best)], best
 
 

@@ -66,7 +66,7 @@ def iou_rest(boxes: np.ndarray, areas: np.ndarray, i: int, rest: np.ndarray) -> 
     IoU values of the plain formula kept in tests/infer/reference.py: ``np.maximum(d, 0)`` is what
     ``np.clip(d, 0, None)`` computes in NumPy 2 (NumPy 1 may give a zero of the other sign, which compares the
     same against a threshold), and dividing only where the union is positive, 0 elsewhere, is what the two
-    ``np.where`` there give."""
+    ``np.where`` there give. One exception, the same there: a box without area and its exact copies (below)."""
     b = boxes[rest]
     top = boxes[i]
     d = np.minimum(top[2:4], b[:, 2:4])  # x2, y2 of each intersection ...
@@ -77,13 +77,44 @@ def iou_rest(boxes: np.ndarray, areas: np.ndarray, i: int, rest: np.ndarray) -> 
     union -= inter
     out = np.zeros(len(rest), dtype=np.float64)
     np.divide(inter, union, out=out, where=union > 0)
+    if areas[i] == 0:
+        # Two copies of a box without area have IoU 0/0, so the formula never lets NMS merge them: a cluster of
+        # them came out as duplicates. Identical boxes have IoU 1 at every size, so that is their IoU here too.
+        # Only the rare zero-area box pays for the comparison; boxes with area keep the formula's values.
+        out[(b == top).all(axis=1)] = 1.0
     return out
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_out: int) -> list[int]:
-    """Greedy hard NMS; returns kept indices, best first."""
+def nms_candidates(boxes: np.ndarray, scores: np.ndarray,
+                   finite: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What NMS works on: the boxes, their areas (``box_areas``), and the indices of the boxes it may pick, best
+    score first (ties: lower index first).
+
+    Left out: a non-finite score, a box with a non-finite coordinate (``finite``, when given, is checked instead
+    of the boxes: rows that hold them and more, BlazeFace's boxes with their keypoints), and an inverted box
+    (x2 < x1 or y2 < y1: it has no place in the image, and its IoU with itself is 0). NaN or inf would reach the
+    results, which JSON cannot carry. The rows left out are zeros in the boxes returned, so that no arithmetic
+    warns about them.
+
+    A box with zero width or height but finite coordinates stays, once (iou_rest merges its exact copies): it is
+    a place the model scored above the threshold, and results already hold such boxes, those clipped to nothing
+    at the image's edge. Dropping it would lose a detection that the score alone would keep."""
+    values = boxes if finite is None else finite
     order = np.argsort(-scores, kind="stable")
-    areas = box_areas(boxes)
+    # Whole-array checks first: the usual case, every box sane, costs a few numpy calls per image.
+    if np.isfinite(values).all() and np.isfinite(scores).all() and (boxes[:, 2:4] >= boxes[:, 0:2]).all():
+        return boxes, box_areas(boxes), order
+    ok = np.isfinite(values).all(axis=1)
+    ok &= np.isfinite(scores)
+    boxes = np.where(ok[:, None], boxes, 0.0)
+    ok &= (boxes[:, 2:4] >= boxes[:, 0:2]).all(axis=1)
+    return boxes, box_areas(boxes), order[ok[order]]
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_out: int) -> list[int]:
+    """Greedy hard NMS; returns kept indices, best first. The kept box leaves the candidates by its index, not
+    by its IoU with itself, which is not above every threshold (at 1, or for a box without area)."""
+    boxes, areas, order = nms_candidates(boxes, scores)
     keep: list[int] = []
     while order.size and len(keep) < max_out:
         i = int(order[0])

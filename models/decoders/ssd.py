@@ -45,7 +45,8 @@ def decode(spec: Any, outputs: Mapping[str, np.ndarray], transform: Transform, l
     boxes = np.asarray(r["boxes"]).reshape(-1, 4)[:n].astype(np.float64)
     classes = np.asarray(r["classes"]).reshape(-1)[:n]
     scores = np.asarray(r["scores"]).reshape(-1)[:n].astype(np.float64)
-    keep = scores >= spec.score_threshold
+    # NaN or inf in a box or score would reach the results, which JSON cannot carry: such rows are no detection.
+    keep = (scores >= spec.score_threshold) & np.isfinite(scores) & np.isfinite(boxes).all(axis=1)
     boxes, classes, scores = boxes[keep], classes[keep], scores[keep]
     # ymin,xmin,ymax,xmax in 0..1 -> x1,y1,x2,y2 in model-input pixels.
     scale = np.array([transform.in_w, transform.in_h, transform.in_w, transform.in_h], dtype=np.float64)

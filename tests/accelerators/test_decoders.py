@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -159,3 +161,52 @@ def test_preprocess_layouts_and_colour() -> None:
     assert q.dtype == np.uint8 and q.shape == (1, 2, 2, 3)
     i8, _ = prepare(img, InputSpec(width=2, height=2, dtype="int8"))
     assert i8.dtype == np.int8 and int(i8[0, 0, 0, 0]) == 127
+
+
+def finite_json(dets: list[Any]) -> list[dict[str, Any]]:
+    """The detections as JSON would carry them: raises on NaN or inf."""
+    out = [d.model_dump() for d in dets]
+    json.dumps(out, allow_nan=False)
+    return out
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_yolo_degenerate_rows() -> None:
+    """NaN and inf rows are no detection; copies of a box without area are one; an inverted box is none. Greedy
+    NMS took the kept box out by index already, but NaN/inf went to the results and copies without area (IoU 0/0
+    with each other) all stayed."""
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        [nan, 50, 20, 20, 0.99, 0.0],   # NaN centre
+        [50, 50, inf, 20, 0.98, 0.0],   # infinite width
+        [50, 50, 20, 20, inf, 0.0],     # infinite score
+        [60, 20, -10, 10, 0.97, 0.0],   # inverted (negative width)
+        [30, 80, 0, 10, 0.0, 0.8],      # three copies of a box of zero width (class 1) ...
+        [30, 80, 0, 10, 0.0, 0.7],
+        [30, 80, 0, 10, 0.0, 0.6],
+        [30, 80, 0, 0, 0.0, 0.65],      # ... and a point inside it: no area, not a copy, so its own detection
+        [50, 50, 20, 40, 0.9, 0.0],     # a person ...
+        [51, 50, 20, 40, 0.85, 0.0],    # ... seen twice: suppressed
+    ]
+    for spec in (YoloDecoder(type="yolo", version="v8", score_threshold=0.5),
+                 YoloDecoder(type="yolo", version="v8", score_threshold=0.5, iou_threshold=1.0, max_detections=3)):
+        r = decode(spec, {"output0": yolo_v8(rows)}, tf_identity(), LABELS[:2])
+        got = [(d["label"], round(d["score"], 2), d["box"]) for d in finite_json(r.detections)]
+        if spec.iou_threshold < 1:
+            assert got == [("person", 0.9, (40.0, 30.0, 60.0, 70.0)), ("bicycle", 0.8, (30.0, 75.0, 30.0, 85.0)),
+                           ("bicycle", 0.65, (30.0, 80.0, 30.0, 80.0))]
+        else:  # nothing is suppressed by IoU: copies of a box with area too, up to max_detections
+            assert got == [("person", 0.9, (40.0, 30.0, 60.0, 70.0)), ("person", 0.85, (41.0, 30.0, 61.0, 70.0)),
+                           ("bicycle", 0.8, (30.0, 75.0, 30.0, 85.0))]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_ssd_non_finite_rows() -> None:
+    """The model's own NMS ran before the decoder; NaN or inf rows it let through are no detection."""
+    o = ssd_outputs()
+    o["TFLite_Detection_PostProcess"] = o["TFLite_Detection_PostProcess"].copy()
+    o["TFLite_Detection_PostProcess"][0, 3] = [0.2, float("nan"), 0.4, 0.4]
+    o["TFLite_Detection_PostProcess:2"] = np.array([[0.9, float("inf"), 0.75, 0.99]], np.float32)
+    o["TFLite_Detection_PostProcess:3"] = np.array([4], np.float32)
+    r = decode(SSDDecoder(type="ssd", score_threshold=0.5), o, tf_identity(), LABELS)
+    assert [(d["label"], round(d["score"], 2)) for d in finite_json(r.detections)] == [("car", 0.9), ("dog", 0.75)]

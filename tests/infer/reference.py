@@ -4,7 +4,18 @@ per-detection Python loops and NMS row by row, then a validated ``ItemResult`` a
 Kept here, apart from the code it checks, as the reference that the fast path must match byte for byte
 (tests/infer/test_result_identity.py) and as the "before" figure of bench/bench_results.py. Only what the fast
 path rewrote is copied; helpers that did not change (output lookup, anchors, role and layout detection, mask
-summary) are imported from the decoders themselves."""
+summary) are imported from the decoders themselves.
+
+One deliberate deviation from the old code: degenerate boxes (the lines marked "degenerate boxes", below). The
+old weighted NMS relied on a box's IoU with itself being above the threshold to take it out of the candidates.
+A box without area, an inverted one or one with NaN or inf coordinates has IoU 0 with itself, and at the
+threshold 1 no IoU is above it: the box then stayed on top and came out again and again, as the NaN mean of no
+rows, until ``max_detections``. NaN or inf boxes and scores also went into the results of the other decoders,
+where JSON cannot carry them, and copies of a box without area (IoU 0/0) all stayed. Both paths now leave out
+non-finite and inverted boxes and non-finite scores before NMS, put the top box in its own cluster by its place,
+and count exact copies of a box without area as IoU 1, so that they merge into one detection. On inputs without
+such boxes, and with an IoU threshold below 1, each of these lines gives what the old code gave: the real
+models' results and the other generated cases are still the old code's, byte for byte."""
 
 from __future__ import annotations
 
@@ -35,11 +46,26 @@ def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     union = area + areas - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    out = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    if area == 0:  # degenerate boxes: identical boxes have IoU 1, also without area
+        out[np.all(boxes == box, axis=1)] = 1.0
+    return out
+
+
+def candidates(boxes: np.ndarray, scores: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """Degenerate boxes: the indices by score, best first, of the rows NMS can handle (finite score, finite box
+    that is not inverted; finite ``rows`` values too, when given). A few whole-array numpy calls, so that the
+    "before" figure of bench/bench_results.py stays close to the old code's."""
+    sane = np.isfinite(scores) & np.isfinite(boxes).all(axis=1)
+    sane &= (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+    if rows is not None:
+        sane &= np.isfinite(rows).all(axis=1)
+    order = np.argsort(-scores, kind="stable")
+    return order[sane[order]]
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_out: int) -> list[int]:
-    order = np.argsort(-scores, kind="stable")
+    order = candidates(boxes, scores)  # degenerate boxes: was np.argsort(-scores, kind="stable")
     keep: list[int] = []
     while order.size and len(keep) < max_out:
         i = int(order[0])
@@ -84,17 +110,19 @@ def _logit(p: float) -> float:
 
 
 def weighted_nms(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, iou: float, max_out: int) -> list[tuple]:
-    order = np.argsort(-scores, kind="stable")
+    order = candidates(boxes, scores, kps.reshape(len(kps), 12))  # degenerate boxes: was np.argsort
     out = []
     while order.size and len(out) < max_out:
         top = order[0]
         overlap = iou_one_to_many(boxes[top], boxes[order])
-        members = order[overlap > iou]
+        member = overlap > iou
+        member[0] = True  # degenerate boxes: the top is in its own cluster whatever its IoU with itself
+        members = order[member]
         w = scores[members][:, None]
         box = (boxes[members] * w).sum(axis=0) / w.sum()
         kp = (kps[members] * w[:, :, None]).sum(axis=0) / w.sum()
         out.append((box, kp, scores[top]))
-        order = order[overlap <= iou]
+        order = order[~member]  # degenerate boxes: was order[overlap <= iou]
     return out
 
 
@@ -152,6 +180,7 @@ def decode_ssd(spec: Any, outputs: Mapping[str, np.ndarray], transform: Transfor
     classes = np.asarray(r["classes"]).reshape(-1)[:n]
     scores = np.asarray(r["scores"]).reshape(-1)[:n].astype(np.float64)
     keep = scores >= spec.score_threshold
+    keep &= np.isfinite(scores) & np.isfinite(boxes).all(axis=1)  # degenerate boxes: not in the old code
     boxes, classes, scores = boxes[keep], classes[keep], scores[keep]
     scale = np.array([transform.in_w, transform.in_h, transform.in_w, transform.in_h], dtype=np.float64)
     xyxy = boxes[:, [1, 0, 3, 2]] * scale

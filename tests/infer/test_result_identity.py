@@ -118,10 +118,12 @@ def letterbox(w: int, h: int, size: int) -> Transform:
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # clusters of boxes without area
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a 0/0 (the NaN mean of an empty cluster) fails the test
 def test_blazeface_crowded_and_degenerate(seed: int) -> None:
     """Many anchors above the threshold in a few tight clusters (more than 8 members: NumPy's pairwise sums),
-    boxes of zero or negative size, and scores at the threshold."""
+    boxes of zero or negative size, copies of a box without area, NaN and inf, and scores at the threshold.
+    The degenerate boxes are where the reference deviates from the old code (see tests/infer/reference.py):
+    both paths must agree on the fixed behaviour, and give only finite values."""
     rng = np.random.default_rng(seed)
     variant = "short" if seed % 2 else "full"
     n = 896 if variant == "short" else 2304
@@ -137,13 +139,24 @@ def test_blazeface_crowded_and_degenerate(seed: int) -> None:
     reg[0, 5:8, 2] = -4.0  # negative width
     logits[0, :8, 0] = 3.0
     logits[0, 8, 0] = np.float32(np.log(0.5 / 0.5))  # exactly at a 0.5 threshold
+    # Anchors that share a centre (short range: 2 per cell at stride 8), each pair given the same box without
+    # area: copies, which must merge. Then NaN and inf in the box, in the keypoints, and in a logit.
+    reg[0, 10:16] = np.repeat(reg[0, 10:16:2], 2, axis=0)
+    reg[0, 10:16, 3] = 0.0
+    logits[0, 10:16, 0] = rng.normal(2, 1, 6)
+    reg[0, 16, 0], reg[0, 17, 2], reg[0, 18, 9], reg[0, 19, 3] = np.nan, np.inf, np.nan, -np.inf
+    logits[0, 16:20, 0] = 4.0
+    logits[0, 20, 0] = np.inf
     outputs = {"regressors": reg, "classificators": logits}
     tf = letterbox(int(rng.integers(200, 900)), int(rng.integers(200, 900)), size)
     found = 0
-    for thr, iou in ((0.5, 0.3), (0.1, 0.3), (0.5, 0.0), (0.9, 0.7), (0.0, 0.3)):
+    for thr, iou in ((0.5, 0.3), (0.1, 0.3), (0.5, 0.0), (0.9, 0.7), (0.0, 0.3), (0.5, 1.0)):
         spec = BlazeFaceDecoder(type="blazeface", variant=variant, score_threshold=thr, iou_threshold=iou,
                                 max_detections=100 if thr else 5)
         found += identical_decodes(spec, outputs, tf, [])
+        dets = decode(spec, outputs, tf, []).detections
+        assert all(np.isfinite([d.score, *d.box, *np.ravel(d.keypoints)]).all() for d in dets)
+        assert len(dets) <= spec.max_detections
     assert found > 0
 
 
