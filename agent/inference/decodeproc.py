@@ -497,18 +497,19 @@ class _Run:
             return
         ready = self._poll()
         for w in list(self.pool._workers):
-            if w.conn.fileno() in ready or w.proc.sentinel in ready:
+            died = w.proc.sentinel in ready  # asking is_alive() each time built a selector per call
+            if w.conn.fileno() in ready or died:
                 try:
                     while w.outstanding and w.conn.poll():
                         msg = recv(w.conn)
                         w.outstanding.remove(msg[1])
                         self.answers[msg[1]] = msg
-                    if not w.proc.is_alive() and not w.conn.poll():
+                    if died and not w.conn.poll():
                         raise EOFError
                 except (EOFError, OSError):
                     self._crashed(w)
         if rt is not None and (rt.answers.fileno() in ready or rt.proc.sentinel in ready):
-            self._read_runtime(rt)
+            self._read_runtime(rt, rt.proc.sentinel in ready)
 
     def _poll(self) -> set[int]:
         """Ready descriptors among the workers' pipes and process sentinels (a sentinel is ready once its process
@@ -527,7 +528,7 @@ class _Run:
             self._polled = fds
         return {fd for fd, _ in self._poller.poll()}
 
-    def _read_runtime(self, rt: RuntimeWorker) -> None:
+    def _read_runtime(self, rt: RuntimeWorker, died: bool) -> None:
         from accelerators.base import InferenceResult
 
         try:
@@ -540,7 +541,7 @@ class _Run:
                     self.stage_n += 1
                 else:
                     self.results[seq] = RuntimeFailure(msg[2])
-            if not rt.proc.is_alive() and not rt.answers.poll():
+            if died and not rt.answers.poll():
                 raise EOFError
         except (EOFError, OSError):
             self._runtime_crashed(rt)
