@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from agent.inference.config import InferenceConfig
 from agent.inference.params import ImageItem
-from agent.inference.runproc import RuntimeKey, RuntimeWorker, recv, send
+from agent.inference.runproc import RuntimeKey, RuntimeWorker, output_layout, recv, send
 from agent.inference.sources import ItemFailure
 
 if TYPE_CHECKING:
@@ -171,6 +171,7 @@ class DecodePool:
         self._runtime: Optional[RuntimeWorker] = None
         self.runtime_restarts = 0
         self._nice: dict[int, int] = {}  # worker pid -> the nice value set on it
+        self.results_in_shm = 0  # inference results that came back through the output ring (not pickled)
 
     def _ensure(self) -> None:
         started = []
@@ -338,8 +339,12 @@ class Lease:
                 w.send(("setup", None, None, None, 0, False))  # detach the ring before it is unlinked
             if run.rt is not None:
                 run.rt.send(("attach", None))
+                run.rt.send(("attach_out", None, {}, 0))
             shm.close()
             shm.unlink()
+            if run.out_shm is not None:
+                run.out_shm.close()
+                run.out_shm.unlink()
             self._release()
 
     def close(self) -> None:
@@ -387,6 +392,10 @@ class _Run:
         self.prioritised = False
         self._poller: Any = None
         self._polled: tuple[int, ...] = ()
+        # The inference process's output ring (made at its first result; see runproc) and its slot layout.
+        self.out_shm: Any = None
+        self.out_layout: dict[str, tuple[tuple[int, ...], str, int]] = {}
+        self.out_slot_bytes = 0
 
     def setup(self, w: _Worker) -> None:
         w.send(("setup", self.pool.cfg, self.pipeline.manifest.input, self.shm.name, self.slot_bytes, self.staged))
@@ -473,8 +482,8 @@ class _Run:
         rt = self.rt
         if rt is not None:
             rt.outstanding.append(seq)
-            rt.send(("run", seq, (seq % self.depth) * self.slot_bytes, shape, dtype, self.pipeline.manifest.input.name,
-                     self.staged))
+            rt.send(("run", seq, seq % self.depth, (seq % self.depth) * self.slot_bytes, shape, dtype,
+                     self.pipeline.manifest.input.name, self.staged))
             return
         import numpy as np
 
@@ -529,22 +538,43 @@ class _Run:
         return {fd for fd, _ in self._poller.poll()}
 
     def _read_runtime(self, rt: RuntimeWorker, died: bool) -> None:
+        import numpy as np
+
         from accelerators.base import InferenceResult
 
         try:
             while rt.outstanding and rt.answers.poll():
                 msg = recv(rt.answers)
                 seq = rt.outstanding.popleft()  # answered in the order sent
-                if msg[0] == "ok":
+                if msg[0] == "shm":
+                    # Copied out now: the slot is written again once this image's input slot is reused.
+                    base = (seq % self.depth) * self.out_slot_bytes
+                    outputs = {k: np.ndarray(shp, np.dtype(dt), buffer=self.out_shm.buf, offset=base + off).copy()
+                               for k, (shp, dt, off) in self.out_layout.items()}
+                    self.results[seq] = InferenceResult(outputs, msg[2], rt.key.backend, rt.key.device)
+                    self.stage_ms[1] += msg[2]
+                    self.stage_n += 1
+                    self.pool.results_in_shm += 1
+                elif msg[0] == "ok":
                     self.results[seq] = InferenceResult(msg[2], msg[3], rt.key.backend, rt.key.device)
                     self.stage_ms[1] += msg[3]
                     self.stage_n += 1
+                    if self.out_shm is None:
+                        self._attach_outputs(rt, msg[2])
                 else:
                     self.results[seq] = RuntimeFailure(msg[2])
             if died and not rt.answers.poll():
                 raise EOFError
         except (EOFError, OSError):
             self._runtime_crashed(rt)
+
+    def _attach_outputs(self, rt: RuntimeWorker, outputs: dict[str, Any]) -> None:
+        """An output ring shaped like these outputs, one slot per input slot; the process writes results there."""
+        from multiprocessing import shared_memory
+
+        self.out_layout, self.out_slot_bytes = output_layout(outputs)
+        self.out_shm = shared_memory.SharedMemory(create=True, size=self.out_slot_bytes * self.depth)
+        rt.send(("attach_out", self.out_shm.name, self.out_layout, self.out_slot_bytes))
 
     def _runtime_crashed(self, rt: RuntimeWorker) -> None:
         lost = list(rt.outstanding)
@@ -567,6 +597,8 @@ class _Run:
             log.warning("no inference process for the rest of this batch: it runs in the agent's process")
         else:
             self.rt.send(("attach", self.shm.name))
+            if self.out_shm is not None:
+                self.rt.send(("attach_out", self.out_shm.name, self.out_layout, self.out_slot_bytes))
         for seq in lost:  # their slots still hold their inputs: infer them again, in order
             self._infer(seq)
 

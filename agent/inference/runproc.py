@@ -11,9 +11,12 @@ same model version, and replaced when another model or version comes), and a few
 to hand the input slot over and the outputs back. Only models on a CPU device run here: an EdgeTPU or a Movidius
 stick is opened by one process at a time, and that is the agent.
 
-Protocol: commands on one pipe (``load``, ``attach`` a job's ring, ``run`` one slot, ``stop``), answers on another
-(``ready``/``error`` after a load, ``ok``/``err`` per image, in order). The answer pipe is enlarged so that several
-results (tens of kB each for a detector) wait there without blocking the runtime while the agent is busy.
+Protocol: commands on one pipe (``load``, ``attach`` a job's input ring, ``attach_out`` its output ring, ``run`` one
+slot, ``stop``), answers on another (``ready``/``error`` after a load; per image, in order, ``shm`` when the outputs
+are in the output ring, ``ok`` with the outputs pickled, or ``err``). The output ring is made by the agent once the
+first result shows the outputs' shapes; results that do not fit it (dynamic shapes) still come pickled. Unpickling
+tens of kB of outputs per image was a quarter of the job thread's time. The answer pipe is enlarged so that several
+answers wait there without blocking the runtime while the agent is busy.
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ def _runtime_main(commands: Connection, answers: Connection) -> None:
 
     model: Any = None
     shm: Optional[shared_memory.SharedMemory] = None
+    out_shm: Optional[shared_memory.SharedMemory] = None
+    out_layout: dict[str, tuple[tuple[int, ...], str, int]] = {}  # name -> shape, dtype, offset in a slot
+    out_slot_bytes = 0
     while True:
         try:
             msg = recv(commands)
@@ -103,16 +109,27 @@ def _runtime_main(commands: Connection, answers: Connection) -> None:
             break
         try:
             if kind == "run":
-                _, seq, offset, shape, dtype, name, staged = msg
+                _, seq, slot, offset, shape, dtype, name, staged = msg
                 view = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf, offset=offset)  # type: ignore[union-attr]
                 try:
                     # staged: the decode worker already wrote the runtime's own layout (LoadedModel.wants_nchw)
                     res = model.infer(Staged({"": view}) if staged else ({name: view} if name else view))
                     out: tuple[Any, ...] = ("ok", seq, res.outputs, res.infer_ms)
+                    if out_shm is not None and _fits(res.outputs, out_layout):
+                        base = slot * out_slot_bytes
+                        for k, arr in res.outputs.items():
+                            shp, dt, off = out_layout[k]
+                            np.ndarray(shp, np.dtype(dt), buffer=out_shm.buf, offset=base + off)[...] = arr
+                        out = ("shm", seq, res.infer_ms)
                 except Exception as e:  # this image's failure; the next one is tried as usual
                     out = ("err", seq, (type(e).__name__, str(e)))
                 del view  # the ring can only be detached once no array points into it
                 send(answers, out)
+            elif kind == "attach_out":
+                if out_shm is not None:
+                    out_shm.close()
+                _, out_name, out_layout, out_slot_bytes = msg
+                out_shm = shared_memory.SharedMemory(name=out_name) if out_name else None
             elif kind == "attach":
                 if shm is not None:
                     shm.close()
@@ -134,6 +151,23 @@ def _runtime_main(commands: Connection, answers: Connection) -> None:
             break
     if shm is not None:
         shm.close()
+    if out_shm is not None:
+        out_shm.close()
+
+
+def _fits(outputs: dict[str, Any], layout: dict[str, tuple[tuple[int, ...], str, int]]) -> bool:
+    """The outputs have exactly the names, shapes and dtypes of the output ring's layout."""
+    return outputs.keys() == layout.keys() and all(
+        tuple(a.shape) == layout[k][0] and a.dtype.str == layout[k][1] for k, a in outputs.items())
+
+
+def output_layout(outputs: dict[str, Any]) -> tuple[dict[str, tuple[tuple[int, ...], str, int]], int]:
+    """A slot layout for outputs like these (64-byte aligned), and the slot's size."""
+    layout, off = {}, 0
+    for k, a in outputs.items():
+        layout[k] = (tuple(a.shape), a.dtype.str, off)
+        off += -(-a.nbytes // 64) * 64
+    return layout, max(off, 64)
 
 
 # -- the agent's side ------------------------------------------------------------------------------------------
