@@ -405,19 +405,24 @@ class _Run:
         w.outstanding.append(seq)
         w.send(("item", seq, seq % self.depth, self.items[seq]))
 
+    def _fill(self, items: Iterator[ImageItem], sent: int, done: int) -> tuple[int, bool]:
+        """Dispatch images while a slot is free: the new count sent, and whether ``items`` has more."""
+        while sent - done < self.depth:
+            try:
+                item = next(items)
+            except StopIteration:
+                return sent, False
+            self.items[sent] = item
+            self._dispatch(sent)
+            sent += 1
+        return sent, True
+
     def stream(self, items: Iterator[ImageItem]) -> Iterator[tuple[ImageItem, Union["Prepared", BaseException]]]:
         sent = done = 0
         more = True
         while True:
-            while more and sent - done < self.depth:
-                try:
-                    item = next(items)
-                except StopIteration:
-                    more = False
-                    break
-                self.items[sent] = item
-                self._dispatch(sent)
-                sent += 1
+            if more:
+                sent, more = self._fill(items, sent, done)
             if done == sent:
                 return
             msg = self._await(done)
@@ -436,15 +441,8 @@ class _Run:
         sent = fwd = done = 0
         more = True
         while True:
-            while more and sent - done < self.depth:
-                try:
-                    item = next(items)
-                except StopIteration:
-                    more = False
-                    break
-                self.items[sent] = item
-                self._dispatch(sent)
-                sent += 1
+            if more:
+                sent, more = self._fill(items, sent, done)
             while fwd < sent and fwd in self.answers:
                 self._forward(fwd, self.answers.pop(fwd))
                 fwd += 1

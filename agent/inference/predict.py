@@ -191,18 +191,8 @@ class Predictor:
         MODEL_METRICS.record(self._model_name, res.infer_ms, backend=res.backend)
         dec = self._decode(self.decoder_spec, res.outputs, prep.transform, self._labels)
         p = self.params
-        dets = dec.detections
-        if dets:
-            dets = [d for d in dets if self._keep(d.label, d.score)] if self._filtered else list(dets)
-            dets.sort(key=_score, reverse=True)
-            if p.max_detections is not None:
-                dets = dets[: p.max_detections]
-        classes = dec.classes
-        if classes:
-            classes = [c for c in classes if self._keep(c.label, c.score)] if self._filtered else list(classes)
-            classes.sort(key=_score, reverse=True)
-            if p.top_k is not None:
-                classes = classes[: p.top_k]
+        dets = self._best(dec.detections, p.max_detections)
+        classes = self._best(dec.classes, p.top_k)
         task = self._task
         out = ItemResult(
             id=prep.item.id, ok=True, width=prep.width, height=prep.height,
@@ -214,6 +204,14 @@ class Predictor:
         )
         dec.detections = dets
         return out, dec
+
+    def _best(self, found: list[Any], limit: Optional[int]) -> list[Any]:
+        """Detections or classes the request's filters keep, best first, at most ``limit``."""
+        if not found:
+            return found
+        kept = [x for x in found if self._keep(x.label, x.score)] if self._filtered else list(found)
+        kept.sort(key=_score, reverse=True)
+        return kept[:limit] if limit is not None else kept
 
     def _keep(self, label: str, score: float) -> bool:
         if self.classes is not None and label not in self.classes:

@@ -195,3 +195,19 @@ def worker_pids(agent_pid: int, comm: str) -> list[int]:
         procs[int(p.name)] = (ppid, cmd, name)
     servers = [pid for pid, (ppid, cmd, _) in procs.items() if ppid == agent_pid and "forkserver" in cmd]
     return sorted(pid for pid, (ppid, _, name) in procs.items() if ppid in servers and name == comm)
+
+
+def blazeface_on(backend: str) -> tuple[Any, Any]:
+    """BlazeFace loaded on ``backend`` as a pipeline the decode pool takes, and the RuntimeKey of an inference
+    process for it."""
+    from types import SimpleNamespace
+
+    from accelerators.registry import create_backends
+    from agent.inference.runproc import RuntimeKey
+    from models.catalog import BLAZEFACE_INPUT, locate
+    from models.manifest import InputSpec
+
+    b = create_backends()[backend]
+    model = b.load(locate("blazeface"))
+    pipeline = SimpleNamespace(manifest=SimpleNamespace(input=InputSpec(**BLAZEFACE_INPUT)), model=model)
+    return pipeline, RuntimeKey(backend, "CPU", str(locate("blazeface")), b.config)

@@ -8,13 +8,11 @@ import signal
 import socket
 import threading
 import time
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from tests.agent_proc import controller
-from tests.infer.conftest import items_of, make_agent, run_job, worker_pids
+from tests.infer.conftest import blazeface_on, items_of, make_agent, run_job, worker_pids
 
 
 def decode_workers(agent_pid: int) -> list[int]:
@@ -95,15 +93,11 @@ class _Silent:
 
 @pytest.mark.parametrize("backend", ["litert", "opencv"])
 def test_an_image_that_kills_its_worker_twice_is_reported_and_the_batch_goes_on(image_dir, pictures, backend):
-    from accelerators.registry import create_backends
     from agent.inference.config import InferenceConfig
     from agent.inference.decodeproc import DecodePool
     from agent.inference.params import ImageItem
-    from models.catalog import BLAZEFACE_INPUT, locate
-    from models.manifest import InputSpec
 
-    model = create_backends()[backend].load(locate("blazeface"))
-    pipeline: Any = SimpleNamespace(manifest=SimpleNamespace(input=InputSpec(**BLAZEFACE_INPUT)), model=model)
+    pipeline, _ = blazeface_on(backend)
     silent = _Silent()
     pool = DecodePool(InferenceConfig(input_dirs=[image_dir]), workers=1, crash_retries=1)
     try:

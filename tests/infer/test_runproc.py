@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.agent_proc import controller
-from tests.infer.conftest import items_of, make_agent, run_job, worker_pids
+from tests.infer.conftest import blazeface_on, items_of, make_agent, run_job, worker_pids
 
 
 def _items(out: Any) -> list[dict[str, Any]]:
@@ -124,18 +124,11 @@ def test_an_image_the_inference_process_dies_on_is_reported_and_the_batch_goes_o
     takes the rest."""
     import threading
 
-    from accelerators.registry import create_backends
     from agent.inference.config import InferenceConfig
     from agent.inference.decodeproc import DecodePool
     from agent.inference.params import ImageItem
-    from agent.inference.runproc import RuntimeKey
-    from models.catalog import BLAZEFACE_INPUT, locate
-    from models.manifest import InputSpec
 
-    backend = create_backends()["litert"]
-    model = backend.load(locate("blazeface"))
-    pipeline: Any = SimpleNamespace(manifest=SimpleNamespace(input=InputSpec(**BLAZEFACE_INPUT)), model=model)
-    key = RuntimeKey("litert", "CPU", str(locate("blazeface")), backend.config)
+    pipeline, key = blazeface_on("litert")
     pool = DecodePool(InferenceConfig(input_dirs=[image_dir]), workers=1, crash_retries=0)
     try:
         items = [ImageItem(id=f"i{i}", path=p) for i, p in enumerate(pictures)]
@@ -182,18 +175,12 @@ def test_runtime_key_keeps_accelerator_devices_in_the_agent():
 
 
 def test_the_slower_stage_gets_the_cpu_first_and_priorities_come_back(image_dir, pictures):
-    from accelerators.registry import create_backends
     from agent.inference.config import InferenceConfig
     from agent.inference.decodeproc import YIELD_NICE, DecodePool
     from agent.inference.params import ImageItem
-    from agent.inference.runproc import RuntimeKey
-    from models.catalog import BLAZEFACE_INPUT, locate
-    from models.manifest import InputSpec
 
-    backend = create_backends()["opencv"]
-    model = backend.load(locate("blazeface"))
-    pipeline: Any = SimpleNamespace(manifest=SimpleNamespace(input=InputSpec(**BLAZEFACE_INPUT)), model=model)
-    key = RuntimeKey("opencv", "CPU", str(locate("blazeface")), backend.config)
+    pipeline, key = blazeface_on("opencv")
+    model = pipeline.model
     pool = DecodePool(InferenceConfig(input_dirs=[image_dir]), workers=1)
     base = os.getpriority(os.PRIO_PROCESS, 0)
     try:
