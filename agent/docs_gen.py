@@ -142,7 +142,12 @@ def protocol_markdown() -> str:
         "payload_too_large": "the payload exceeds `jobs.max_payload_bytes` (default 8 MiB)",
         "invalid_job_id": "the job id in the topic is not 1-128 of `A-Za-z0-9._-` (sent on `N/errors`)",
         "job_id_mismatch": "the payload's `job_id` differs from the topic's",
-        "invalid_topic": "the topic is not a request topic of this node (sent on `N/errors`)",
+        "retained_request": "the request was published with the retain flag; a retained request would run again "
+                            "for every new subscriber, so the node refuses it (clear it with an empty retained "
+                            "message)",
+        "disk_full": "the node's state disk is below its low-water mark (`storage.free_low_mb`); it takes new work "
+                     "again by itself once space is freed",
+        "queue_full": "the node already holds `jobs.max_queued` queued jobs",
         "interrupted": "the agent stopped while the job ran and the job type cannot resume",
         "timed_out": "the job ran longer than `timeout_s`",
         "canceled": "a `job.cancel` stopped the job",

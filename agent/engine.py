@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from agent.jobs import registry
 from agent.jobs.base import JobCanceled, JobError, JobHandler, JobTimedOut
@@ -115,6 +115,7 @@ class JobEngine:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._live_workers = 0
+        self._status_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -185,8 +186,19 @@ class JobEngine:
             error=ErrorInfo(**job["error"]) if job.get("error") else None, ts=job["updated"],
         )
 
+    def add_status_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """``fn(status)`` for every status the engine queues (a JobStatus as JSON data, a version may repeat when a
+        duplicate request re-publishes it), inside the state transaction that queued it: keep it short and never
+        call back into the state."""
+        self._status_listeners.append(fn)
+
     def _queue_status(self, job: dict[str, Any], extra_response: Optional[tuple[str, Optional[str]]] = None) -> None:
         status = self.status_of(job).model_dump(mode="json")
+        for fn in self._status_listeners:
+            try:
+                fn(status)
+            except Exception:  # a listener bug must not stop a job's state machine
+                log.exception("status listener failed")
         out = self.node.outbox
         out.add(self.node.topics.job_status(job["job_id"]), status, retain=True, expiry=self.cfg.status_expiry_s)
         responses = []

@@ -124,7 +124,8 @@ class Intake:
         engine = self.node.engine
         parsed = self.node.topics.parse_request_topic(msg.topic)
         if parsed is None:
-            self._node_error(msg.topic, ErrorCode.invalid_topic, "not a request topic of this node")
+            # Only the node's own request filters are subscribed, so only a broker bug can deliver this.
+            self._node_error(msg.topic, ErrorCode.invalid_request, "not a request topic of this node")
             return None
         job_id, pool = parsed
         if not is_safe_job_id(job_id):
