@@ -168,9 +168,10 @@ def cmd_submit(args: argparse.Namespace, cfg: AgentConfig) -> int:
 
 
 def _open_state(cfg: AgentConfig) -> Any:
+    from agent.journal import Journal
     from agent.state import StateStore
 
-    if not (cfg.state_dir / "jobs.json").exists():
+    if not Journal(cfg.state_dir, read_only=True).exists() and not (cfg.state_dir / "jobs.json").exists():
         return None
     return StateStore(cfg.state_dir, read_only=True)
 

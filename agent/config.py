@@ -118,11 +118,33 @@ class MqttConfig(_Section):
 class JobsConfig(_Section):
     workers: int = Field(2, ge=1, le=64, description="Jobs that may run at the same time.")
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted request payload.")
-    status_expiry_s: int = Field(
-        24 * 3600, ge=60, description="MQTT message expiry of retained job status messages."
+    max_queued: int = Field(
+        1000, ge=1, description="Jobs that may wait in the queue; beyond, requests are REJECTED with `queue_full` "
+        "(control jobs such as `node.info` and `job.cancel` are always taken)."
     )
-    retention_count: int = Field(1000, ge=1, description="Finished jobs kept in local state.")
+    status_expiry_s: int = Field(
+        3600, ge=60, description="MQTT message expiry of retained job status messages. The broker drops a job's "
+        "retained status this long after its last change; with `retention_count` it keeps the retained statuses of "
+        "a node (at most about `retention_count` + queued jobs) under a default mosquitto's `max_queued_messages` "
+        "(1000) for a controller that subscribes with a wildcard. A controller that was away longer asks the node "
+        "(re-send the request, or `job.result`)."
+    )
+    retention_count: int = Field(
+        500, ge=1, description="Finished jobs kept in local state (with their result logs and outputs); older ones "
+        "are pruned, leaving a tombstone, and their retained status is cleared from the broker."
+    )
     retention_days: float = Field(7.0, gt=0, description="Finished jobs older than this are pruned.")
+    tombstone_days: float = Field(
+        30.0, gt=0, description="How long a pruned job's id is remembered (its final state and version): a request "
+        "re-sent with that id is answered with the old final status and never runs again."
+    )
+    tombstone_max_kb: int = Field(
+        8192, ge=64, description="Bytes of tombstones kept at most (about 150 bytes each); the oldest go first."
+    )
+    finished_params_max_bytes: int = Field(
+        4096, ge=256, description="A finished job keeps a summary of its params no larger than this (inline images, "
+        "long lists and long strings are replaced by what they were: `{\"omitted\": ...}`)."
+    )
     default_timeout_s: Optional[float] = Field(None, gt=0, description="Timeout for jobs that name none.")
     progress_interval_s: float = Field(
         1.0, ge=0, description="Least time between two progress updates of one job on its status topic."
@@ -130,6 +152,41 @@ class JobsConfig(_Section):
     enable_debug_jobs: bool = Field(
         False, description="Accept the diagnostic job types `debug.sleep` (for testing timeouts, cancel, pools)."
     )
+
+
+class StorageConfig(_Section):
+    free_low_mb: float = Field(
+        64, ge=0, description="Low-water mark of free space on the state disk: below it the node refuses new work "
+        "with `disk_full` (control jobs still run), pauses running jobs at their next checkpoint and deletes the "
+        "oldest outputs and result logs of finished jobs. Shown in the birth message and `node.stats`."
+    )
+    free_resume_mb: float = Field(
+        128, ge=0, description="Free space at which the node takes work again and paused jobs go on."
+    )
+    reserve_mb: float = Field(
+        16, ge=0, description="A file (`<state_dir>/reserve`) kept while there is room and deleted the moment a "
+        "write fails for lack of space, so statuses and control jobs can still be written. 0: none."
+    )
+    check_interval_s: float = Field(5.0, gt=0, le=3600, description="How often free space is checked.")
+    results_max_mb: float = Field(
+        1024, ge=0, description="Result logs of finished jobs kept at most; the oldest go first (their jobs stay, "
+        "marked `results_pruned`)."
+    )
+    outputs_max_mb: float = Field(
+        2048, ge=0, description="Outputs of finished jobs (annotated copies, masks, output files) kept at most; "
+        "the oldest go first."
+    )
+    outputs_days: float = Field(7.0, gt=0, description="Outputs of finished jobs older than this are deleted.")
+    spool_min_kb: int = Field(
+        64, ge=1, description="Request params at least this large are kept in a file of their own "
+        "(`<state_dir>/spool/`) until the job ends, not in the state journal and the agent's memory."
+    )
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> "StorageConfig":
+        if self.free_resume_mb < self.free_low_mb:
+            raise ValueError("free_resume_mb must be at least free_low_mb")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -207,6 +264,7 @@ class AgentConfig(BaseSettings):
     pools: list[str] = Field(default_factory=list, description="Pools whose shared job topics this node serves.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     accelerators: AcceleratorsConfig = Field(default_factory=AcceleratorsConfig)

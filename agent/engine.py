@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from agent.jobs import registry
-from agent.jobs.base import JobCanceled, JobError, JobHandler, JobTimedOut
+from agent.jobs.base import Effects, JobCanceled, JobError, JobHandler, JobTimedOut
 from agent.protocol import ErrorCode, ErrorInfo, JobState, JobStatus, now
+from agent.state import DiskFull
+from agent.summary import summarize
 
 if TYPE_CHECKING:
     from agent.node import Node
@@ -64,12 +67,7 @@ class RunContext:
         self.cancel_event = run.cancel_event
 
     def check(self) -> None:
-        if self._run.cancel_event.is_set():
-            if self._run.stop_reason == "timed_out":
-                raise JobTimedOut()
-            if self._run.stop_reason == "shutdown":
-                raise _Shutdown()
-            raise JobCanceled()
+        self._engine._check_stop(self._run)
 
     def remaining_s(self) -> Optional[float]:
         if self._run.deadline is None:
@@ -99,6 +97,12 @@ class RunContext:
     def wait_durable(self, generation: int) -> None:
         """Block until the state generation returned by ``publish_result(..., wait=False)`` is on disk."""
         self._engine.state.wait_durable(generation)
+
+    def wait_for_disk(self, error: Optional[BaseException] = None) -> None:
+        """A write of the job's own (an output file) failed with ``error``, or the job wants to know the disk has
+        room: block while the state disk is short of space (the job shows ``paused: disk_full``), then return so
+        the job can try again. Raises JobCanceled/JobTimedOut meanwhile."""
+        self._engine._wait_for_disk(self._run, self, error)
 
 
 class JobEngine:
@@ -153,7 +157,15 @@ class JobEngine:
             t.join(max(0.0, deadline - time.monotonic()))
 
     def recover(self) -> None:
-        """After a restart: queue QUEUED jobs, resume or fail IN_PROGRESS ones, prune old ones."""
+        """After a restart: repair what the start-up check finds, queue QUEUED jobs, resume or fail IN_PROGRESS
+        ones, prune old ones."""
+        report = self.state.check()
+        if report.reannounce:
+            with self.state.transaction():
+                for job_id in report.reannounce:
+                    job = self.state.get_job(job_id)
+                    if job is not None:
+                        self._queue_status(job)
         for job in sorted(self.state.all_jobs(), key=lambda j: j.get("created", 0)):
             if job["state"] == JobState.QUEUED.value:
                 self._enqueue(job)
@@ -200,7 +212,8 @@ class JobEngine:
             except Exception:  # a listener bug must not stop a job's state machine
                 log.exception("status listener failed")
         out = self.node.outbox
-        out.add(self.node.topics.job_status(job["job_id"]), status, retain=True, expiry=self.cfg.status_expiry_s)
+        out.add(self.node.topics.job_status(job["job_id"]), status, retain=True, expiry=self.cfg.status_expiry_s,
+                job=(job["job_id"], job["version"]))
         responses = []
         if job.get("response_topic"):
             responses.append((job["response_topic"], job.get("correlation")))
@@ -221,19 +234,39 @@ class JobEngine:
         self._queue_status(job)
         return job
 
+    def _new_version(self, job_id: str) -> int:
+        """The version a new job document for ``job_id`` starts at: never below anything published for that id
+        (a REJECTED id may be submitted again, also after it was pruned)."""
+        prior = self.state.get_job(job_id)
+        if prior is not None:
+            return int(prior.get("version", 0)) + 1
+        tomb = self.state.get_tombstone(job_id)
+        return int(tomb["version"]) + 1 if tomb is not None else 1
+
+    def _new_job(self, job_id: str, job_type: str, state: JobState, **fields: Any) -> dict[str, Any]:
+        t = now()
+        job = {
+            "job_id": job_id, "type": job_type, "state": state.value, "version": self._new_version(job_id),
+            "progress": None, "details": {}, "error": None, "created": t, "updated": t, "started": None,
+            "finished": None, "timeout_s": None, "priority": 0, "pool": None, "source": "mqtt",
+            "response_topic": None, "correlation": None, "checkpoint": None, "result_seq": 0, "result_bytes": 0,
+        }
+        job.update(fields)
+        if self.state.get_job(job_id) is not None or self.state.get_tombstone(job_id) is not None:
+            self.state.remove_results(job_id)  # an earlier, REJECTED attempt's final result
+        return job
+
     def accept(self, job_id: str, req: Any, handler_cls: type[JobHandler], pool: Optional[str],
                response: Optional[tuple[str, Optional[str]]], source: str = "mqtt") -> dict[str, Any]:
-        """Record a valid request as QUEUED (inside the caller's transaction) and return the job."""
-        prior = self.state.get_job(job_id)
-        job = {
-            "job_id": job_id, "type": req.type, "params": req.params, "state": JobState.QUEUED.value,
-            "version": (prior or {}).get("version", 0) + 1, "progress": None, "details": {}, "error": None,
-            "created": now(), "updated": now(), "started": None, "finished": None,
-            "timeout_s": req.timeout_s or self.cfg.default_timeout_s, "priority": req.priority, "pool": pool,
-            "source": source, "response_topic": response[0] if response else None,
-            "correlation": response[1] if response else None, "checkpoint": None, "result_seq": 0,
-        }
+        """Record a valid request as QUEUED (inside the caller's transaction) and return the job. Raises
+        DiskFull (nothing recorded) when its params cannot be stored."""
+        job = self._new_job(
+            job_id, req.type, JobState.QUEUED, timeout_s=req.timeout_s or self.cfg.default_timeout_s,
+            priority=req.priority, pool=pool, source=source, response_topic=response[0] if response else None,
+            correlation=response[1] if response else None)
+        self.state.put_params(job_id, req.params)
         self.state.put_job(job)
+        self.state.remove_tombstones([job_id])
         self._queue_status(job)
         log.info("job %s (%s) queued%s", job_id, req.type, f" from pool {pool}" if pool else "",
                  extra=job_log_extra(job))
@@ -241,19 +274,35 @@ class JobEngine:
 
     def reject(self, job_id: str, job_type: str, error: ErrorInfo,
                response: Optional[tuple[str, Optional[str]]]) -> None:
-        """Record and announce a request that cannot be accepted (inside the caller's transaction)."""
-        prior = self.state.get_job(job_id)
-        job = {
-            "job_id": job_id, "type": job_type, "params": {}, "state": JobState.REJECTED.value,
-            "version": (prior or {}).get("version", 0) + 1, "progress": None, "details": {},
-            "error": error.model_dump(), "created": now(), "updated": now(), "started": None, "finished": now(),
-            "timeout_s": None, "priority": 0, "pool": None, "source": "mqtt",
-            "response_topic": response[0] if response else None,
-            "correlation": response[1] if response else None, "checkpoint": None, "result_seq": 0,
-        }
+        """Record and announce a request that cannot be accepted (inside the caller's transaction): its REJECTED
+        status, after its final result (the completion rule holds for every terminal state)."""
+        job = self._new_job(job_id, job_type, JobState.REJECTED, error=error.model_dump(), finished=now(),
+                            response_topic=response[0] if response else None,
+                            correlation=response[1] if response else None)
+        self.state.put_params(job_id, {})
         self.state.put_job(job)
-        self._queue_status(job)
+        self.state.remove_tombstones([job_id])
+        self._queue_final(job, JobState.REJECTED, error, None)
+        self._queue_status(self.state.get_job(job_id) or job)
         log.warning("job %s rejected: %s: %s", job_id, error.code, error.message, extra=job_log_extra(job))
+
+    def answer_tombstone(self, job_id: str, tomb: dict[str, Any],
+                         response: Optional[tuple[str, Optional[str]]]) -> None:
+        """A request for a job that ended and was pruned: its final status again, never a second run (inside the
+        caller's transaction). Not retained: the retained status was cleared when the job was pruned."""
+        error = tomb.get("error")
+        status = JobStatus(
+            job_id=job_id, node_id=self.node.node_id, type=tomb.get("type") or "unknown",
+            state=JobState(tomb["state"]), version=int(tomb["version"]), progress=None,
+            details={"pruned": True, "finished": tomb.get("finished")},
+            error=ErrorInfo(code=error, message="(the job ended with this error code; its record was pruned)")
+            if error else None, ts=now()).model_dump(mode="json")
+        out = self.node.outbox
+        out.add(self.node.topics.job_status(job_id), status, kind="status")
+        if response is not None:
+            out.add(response[0], status, correlation=response[1], kind="status")
+        log.info("request for job %s, which ended %s and was pruned: answered with its final status, not run again",
+                 job_id, tomb["state"], extra={"CVW_JOB_ID": job_id})
 
     def republish(self, job: dict[str, Any], response: Optional[tuple[str, Optional[str]]]) -> None:
         """A duplicate request: announce the job's latest status again (inside the caller's transaction)."""
@@ -291,7 +340,7 @@ class JobEngine:
 
     def _parse_params(self, handler_cls: type[JobHandler], job: dict[str, Any]) -> Any:
         try:
-            return handler_cls.params_model.model_validate(job.get("params") or {})
+            return handler_cls.params_model.model_validate(self.state.get_params(job["job_id"]) or {})
         except Exception as e:  # validated at intake; only a changed handler can get here
             self._finish(job["job_id"], JobState.FAILED, ErrorInfo(code=ErrorCode.invalid_params.value, message=str(e)))
             return None
@@ -320,6 +369,10 @@ class JobEngine:
             self._running[job_id] = run
         with self.state.transaction():
             job = self._emit(job_id, state=JobState.IN_PROGRESS.value, started=started) or job
+        if run.handler.effects_of(params) == Effects.once:
+            # After a crash a job whose IN_PROGRESS never reached disk runs again from QUEUED: one with side
+            # effects must not have begun them.
+            self.state.wait_durable()
         log.info("job %s (%s) started", job_id, job["type"], extra=job_log_extra(job))
         ctx = RunContext(self, run, job, params)
         try:
@@ -423,46 +476,128 @@ class JobEngine:
         with self.state.transaction():
             self.state.update_job(run.job_id, {"checkpoint": data})
         self.state.wait_durable()
+        self._pause_if_short_of_disk(run)
 
-    def _result_message(self, job: dict[str, Any], payload: dict[str, Any], final: bool) -> dict[str, Any]:
-        return {**payload, "job_id": job["job_id"], "node_id": self.node.node_id, "seq": job.get("result_seq", 0),
-                "final": final, "ts": now()}
+    def _pause_if_short_of_disk(self, run: _Run) -> None:
+        """At a checkpoint: a job waits there while the disk is short of space instead of failing later."""
+        if self.node.disk.refusing():
+            self._wait_for_disk(run, None, None)
+
+    def _wait_for_disk(self, run: _Run, ctx: Optional["RunContext"], error: Optional[BaseException]) -> None:
+        disk = self.node.disk
+        disk.report(error)
+        if not disk.refusing():
+            if error is not None:  # a full disk the guard could not confirm (another filesystem): do not spin
+                self._check_stop(run)
+                disk.wait_change(1.0)
+            return
+        log.warning("job %s paused: the state disk is short of space; it goes on by itself once space is free",
+                    run.job_id, extra={"CVW_JOB_ID": run.job_id})
+        self._mark_paused(run, True)
+        while disk.refusing():
+            self._check_stop(run)
+            disk.wait_change(0.5)
+        self._mark_paused(run, False)
+        log.info("job %s goes on: the state disk has room again", run.job_id, extra={"CVW_JOB_ID": run.job_id})
+
+    def _check_stop(self, run: _Run) -> None:
+        if run.cancel_event.is_set():
+            if run.stop_reason == "timed_out":
+                raise JobTimedOut()
+            if run.stop_reason == "shutdown":
+                raise _Shutdown()
+            raise JobCanceled()
+
+    def _mark_paused(self, run: _Run, paused: bool) -> None:
+        if not self._live(run):
+            return
+        with self.state.transaction():
+            job = self.state.get_job(run.job_id)
+            if job is None or job["state"] != JobState.IN_PROGRESS.value:
+                return
+            details = {k: v for k, v in (job.get("details") or {}).items() if k != "paused"}
+            if paused:
+                details["paused"] = "disk_full"
+            self._emit(run.job_id, details=details)
+
+    def _result_message(self, job: dict[str, Any], payload: dict[str, Any], final: bool,
+                        complete: bool = True) -> dict[str, Any]:
+        seq = job.get("result_seq", 0)
+        msg = {**payload, "job_id": job["job_id"], "node_id": self.node.node_id, "seq": seq, "final": final,
+               "ts": now()}
+        if final:
+            msg.update(chunks=seq, complete=complete)
+        return msg
 
     def _queue_result(self, job: dict[str, Any], msg: dict[str, Any]) -> None:
-        """Store and queue one result message (inside a transaction); advances the job's result_seq."""
-        self.state.append_result(job["job_id"], msg)
-        self.state.update_job(job["job_id"], {"result_seq": msg["seq"] + 1})
+        """Store and queue one result message (inside a transaction); advances the job's result_seq. Raises
+        DiskFull (nothing stored) when the result log cannot grow."""
+        size = self.state.append_result(job["job_id"], msg)
+        self.state.update_job(job["job_id"], {"result_seq": msg["seq"] + 1, "result_bytes": size})
+        job["result_seq"], job["result_bytes"] = msg["seq"] + 1, size
         self.node.outbox.add(self.node.topics.job_result(job["job_id"]), msg, kind="result")
         if job.get("response_topic"):
             self.node.outbox.add(job["response_topic"], msg, correlation=job.get("correlation"), kind="result")
 
     def _publish_result(self, run: _Run, payload: dict[str, Any], final: bool,
                         checkpoint: Optional[dict[str, Any]], wait: bool = True) -> int:
-        if not self._live(run):
-            return 0
-        with self.state.transaction():
-            job = self.state.get_job(run.job_id)
-            if job is None:
+        while True:
+            if not self._live(run):
                 return 0
-            self._queue_result(job, self._result_message(job, payload, final))
-            if checkpoint is not None:
-                self.state.update_job(run.job_id, {"checkpoint": checkpoint})
-            if final:
-                self.state.update_job(run.job_id, {"final_sent": True})
+            try:
+                with self.state.transaction():
+                    job = self.state.get_job(run.job_id)
+                    if job is None:
+                        return 0
+                    self._queue_result(job, self._result_message(job, payload, final))
+                    if checkpoint is not None:
+                        self.state.update_job(run.job_id, {"checkpoint": checkpoint})
+                    if final:
+                        self.state.update_job(run.job_id, {"final_sent": True})
+                break
+            except DiskFull as e:
+                # Nothing of the chunk was kept: wait for room, then store it again.
+                self._wait_for_disk(run, None, e)
         gen = self.state.generation  # this transaction's, or a later one: committed together or after it
         if checkpoint is not None and wait:
             self.state.wait_durable(gen)
+        if checkpoint is not None:
+            self._pause_if_short_of_disk(run)
         return gen
+
+    def _queue_final(self, job: dict[str, Any], state: JobState, error: Optional[ErrorInfo],
+                     result: Optional[dict[str, Any]]) -> None:
+        """The job's one final result (inside a transaction): how many result messages preceded it and whether the
+        output is complete; a job that did not succeed carries its error."""
+        if job.get("final_sent"):
+            return
+        payload = dict(result or {}) if state == JobState.SUCCEEDED else {"state": state.value}
+        if error is not None:
+            payload["error"] = error.model_dump()
+        self._queue_result(job, self._result_message(job, payload, final=True,
+                                                     complete=state == JobState.SUCCEEDED))
+        self.state.update_job(job["job_id"], {"final_sent": True})
+        job["final_sent"] = True
 
     def _finish(self, job_id: str, state: JobState, error: Optional[ErrorInfo], result: Optional[dict[str, Any]] = None,
                 details: Optional[dict[str, Any]] = None) -> bool:
         """Move a job to a terminal state exactly once. The final result goes out before the final status."""
+        while True:
+            try:
+                return self._finish_once(job_id, state, error, result, details)
+            except DiskFull as e:
+                # The final result could not be stored: the job ends once there is room for it.
+                log.warning("job %s cannot end yet: %s; waiting for disk space", job_id, e)
+                self.node.disk.report(e)
+                self.node.disk.wait_change(1.0)
+
+    def _finish_once(self, job_id: str, state: JobState, error: Optional[ErrorInfo],
+                     result: Optional[dict[str, Any]], details: Optional[dict[str, Any]]) -> bool:
         with self.state.transaction():
             job = self.state.get_job(job_id)
             if job is None or job["state"] not in ACTIVE:
                 return False
-            if state == JobState.SUCCEEDED and not job.get("final_sent"):
-                self._queue_result(job, self._result_message(job, result or {}, final=True))
+            self._queue_final(job, state, error, result)
             fields: dict[str, Any] = {"state": state.value, "finished": now(), "checkpoint": None,
                                       "error": error.model_dump() if error else None}
             if state == JobState.SUCCEEDED:
@@ -470,6 +605,10 @@ class JobEngine:
             if details:
                 fields["details"] = {**(job.get("details") or {}), **details}
             job = self._emit(job_id, **fields) or job
+            # A finished job never runs again: it keeps a summary of its params, not megabytes of inline images.
+            if self.state.params_size(job_id) > self.cfg.finished_params_max_bytes:
+                self.state.replace_params(job_id, summarize(self.state.get_params(job_id),
+                                                            self.cfg.finished_params_max_bytes))
         self.node.job_finished(job)
         level = logging.INFO if state == JobState.SUCCEEDED else logging.WARNING
         log.log(level, "job %s (%s) %s%s", job_id, job["type"], state.value,
@@ -487,18 +626,54 @@ class JobEngine:
             self.prune()
 
     def prune(self) -> int:
-        """Drop finished jobs beyond the retention count or older than the retention age."""
+        """Drop finished jobs beyond the retention count or older than the retention age. Each leaves a tombstone
+        (so its id is never run again) and its retained status is cleared from the broker."""
         self._last_prune = time.monotonic()
         finished = sorted(((jid, t) for jid, st, t in self.state.finished_jobs_summary() if st not in ACTIVE),
                           key=lambda item: item[1], reverse=True)
-        cutoff = now() - self.cfg.retention_days * 86400
+        t_now = now()
+        cutoff = t_now - self.cfg.retention_days * 86400
         drop = [jid for i, (jid, t) in enumerate(finished) if i >= self.cfg.retention_count or t < cutoff]
         if drop:
             with self.state.transaction():
+                for job_id in drop:
+                    job = self.state.get_job(job_id)
+                    if job is None:
+                        continue
+                    self.state.put_tombstone(job_id, {
+                        "state": job["state"], "version": job["version"], "type": job["type"],
+                        "finished": job.get("finished") or job.get("updated"), "pruned": t_now,
+                        "error": (job.get("error") or {}).get("code")})
+                    self.node.outbox.add(self.node.topics.job_status(job_id), None, retain=True, kind="clear")
                 self.state.remove_jobs(drop)
-        if drop:
-            log.info("pruned %d finished jobs", len(drop))
+            for job_id in drop:
+                self.node.retention.remove_outputs(job_id, "job pruned")
+            log.info("pruned %d finished jobs (tombstones keep their ids for %g days)", len(drop),
+                     self.cfg.tombstone_days)
+        self._prune_tombstones(t_now)
+        try:
+            self.node.retention.enforce()
+        except OSError as e:
+            log.error("retention of outputs and result logs failed: %s", e)
         return len(drop)
+
+    def _prune_tombstones(self, t_now: float) -> None:
+        tombs = self.state.tombstones()
+        if not tombs:
+            return
+        cutoff = t_now - self.cfg.tombstone_days * 86400
+        tombs.sort(key=lambda item: item[1].get("pruned") or 0)
+        budget = self.cfg.tombstone_max_kb * 1024
+        total = sum(tombstone_bytes(job_id, doc) for job_id, doc in tombs)
+        drop = []
+        for job_id, doc in tombs:
+            if (doc.get("pruned") or 0) < cutoff or total > budget:
+                drop.append(job_id)
+                total -= tombstone_bytes(job_id, doc)
+        if drop:
+            with self.state.transaction():
+                self.state.remove_tombstones(drop)
+            log.info("forgot %d tombstones of pruned jobs (jobs.tombstone_days / tombstone_max_kb)", len(drop))
 
     # -- views --------------------------------------------------------------------------------------------
 
@@ -508,6 +683,11 @@ class JobEngine:
 
     def queue_depth(self) -> int:
         return self._queue.qsize() + self._control.qsize()
+
+
+def tombstone_bytes(job_id: str, doc: dict[str, Any]) -> int:
+    """What a tombstone takes in the state (its id and document as JSON), for the byte budget."""
+    return len(job_id) + len(json.dumps(doc, separators=(",", ":"))) + 6
 
 
 def decode_correlation(corr: Optional[str]) -> Optional[bytes]:

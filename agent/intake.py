@@ -22,6 +22,7 @@ from agent.jobs import registry
 from agent.jobs.base import JobHandler
 from agent.mqtt import valid_publish_topic
 from agent.protocol import ErrorCode, ErrorInfo, JobRequest, JobState, NodeError, is_safe_job_id, now
+from agent.state import DiskFull
 
 if TYPE_CHECKING:
     from agent.node import Node
@@ -39,6 +40,30 @@ def describe_validation_error(e: ValidationError, what: str) -> str:
         parts.append(f"{loc}: {err['msg']}")
     more = f" (and {len(e.errors()) - 10} more)" if len(e.errors()) > 10 else ""
     return f"invalid {what}: " + "; ".join(parts) + more
+
+
+def _type_of(payload: bytes) -> str:
+    """The job type a refused payload names, when it can be read (for the REJECTED status)."""
+    try:
+        t = json.loads(payload).get("type")
+    except (ValueError, AttributeError, RecursionError):
+        return "unknown"
+    return t if isinstance(t, str) and 0 < len(t) <= 64 else "unknown"
+
+
+def _disk_full_message(node: "Node", what: str) -> str:
+    st = node.config.storage
+    return (f"node {node.node_id} is short of disk space in its state directory: {what}; it takes work again by "
+            f"itself once {st.free_resume_mb:g} MB are free (storage.free_low_mb / free_resume_mb)")
+
+
+def tombstone_view(job_id: str, tomb: dict[str, Any]) -> dict[str, Any]:
+    """A pruned job as a job document with what its tombstone kept."""
+    error = tomb.get("error")
+    return {"job_id": job_id, "type": tomb.get("type"), "state": tomb["state"], "version": tomb["version"],
+            "progress": None, "details": {"pruned": True}, "finished": tomb.get("finished"),
+            "updated": tomb.get("finished"), "error": {"code": error, "message": "(its record was pruned)"}
+            if error else None}
 
 
 class RequestRefused(Exception):
@@ -147,16 +172,54 @@ class Intake:
         if existing is not None and existing["state"] != JobState.REJECTED.value:
             engine.republish(existing, response)
             return None
+        tomb = self.node.state.get_tombstone(job_id)
+        if tomb is not None and tomb["state"] != JobState.REJECTED.value:
+            engine.answer_tombstone(job_id, tomb, response)
+            return None
+        if msg.retain:
+            if not msg.payload:
+                # Someone cleared a retained request: the broker passes the empty message on; nothing to do.
+                log.info("retained request on %s cleared", msg.topic[:200])
+                return None
+            self.rejected += 1
+            engine.reject(job_id, _type_of(msg.payload), ErrorInfo(
+                code=ErrorCode.retained_request.value,
+                message="requests must not be retained: a retained request is delivered again to every new "
+                        "subscriber and after every new session, so it would run again; publish it with retain=false "
+                        "(and clear this one with an empty retained message on its topic)"), response)
+            return None
 
         try:
             req, handler_cls = self.check_request(job_id, msg.payload, "the topic",
                                                   self.node.config.jobs.max_payload_bytes)
+            self.check_capacity(req.type, handler_cls)
         except RequestRefused as e:
             self.rejected += 1
             engine.reject(job_id, e.job_type, ErrorInfo(code=e.code.value, message=e.message), response)
             return None
+        try:
+            job = engine.accept(job_id, req, handler_cls, pool, response)
+        except DiskFull as e:
+            self.node.disk.report(e)
+            self.rejected += 1
+            engine.reject(job_id, req.type, ErrorInfo(code=ErrorCode.disk_full.value, message=_disk_full_message(
+                self.node, f"its params could not be stored ({e.strerror})")), response)
+            return None
         self.accepted += 1
-        return engine.accept(job_id, req, handler_cls, pool, response)
+        return job
+
+    def check_capacity(self, job_type: str, handler_cls: type[JobHandler]) -> None:
+        """Refuse work the node has no room for: a state disk short of space, a full queue. Control jobs (status,
+        cancel) are always taken, so a node under pressure still answers."""
+        if handler_cls.control:
+            return
+        node = self.node
+        if node.disk.refusing():
+            raise RequestRefused(ErrorCode.disk_full, _disk_full_message(node, "it takes no new work"), job_type)
+        limit = node.config.jobs.max_queued
+        if node.state.job_state_counts().get(JobState.QUEUED.value, 0) >= limit:
+            raise RequestRefused(ErrorCode.queue_full, f"{limit} jobs are already queued on node {node.node_id} "
+                                 "(jobs.max_queued); submit it again later or to another node of its pool", job_type)
 
     def check_request(self, job_id: str, payload: bytes, id_from: str,
                       limit: Optional[int]) -> tuple[JobRequest, type[JobHandler]]:
@@ -187,7 +250,8 @@ class Intake:
             raise RequestRefused(ErrorCode.unknown_job_type, f"unknown job type {req.type[:64]!r}; this node "
                                  f"accepts: {', '.join(self.node.capabilities())}", job_type)
         try:
-            handler_cls.params_model.model_validate(req.params)
+            # Strict, as JSON: "5" is not a number and `true` is not 1 (enums and the like still come as strings).
+            handler_cls.params_model.model_validate_json(json.dumps(req.params), strict=True)
         except ValidationError as e:
             raise RequestRefused(ErrorCode.invalid_params, describe_validation_error(e, f"params for {req.type}"),
                                  job_type) from None
@@ -203,14 +267,23 @@ class Intake:
             existing = state.get_job(job_id)
             if existing is not None and existing["state"] != JobState.REJECTED.value:
                 return existing, False
+            tomb = state.get_tombstone(job_id)
+            if tomb is not None and tomb["state"] != JobState.REJECTED.value:
+                return tombstone_view(job_id, tomb), False
             try:
                 # The HTTP server limits request bodies itself ([http] max_body_bytes, inference.max_image_bytes).
                 req, handler_cls = self.check_request(job_id, payload, "the request", None)
+                self.check_capacity(req.type, handler_cls)
+                try:
+                    job = self.node.engine.accept(job_id, req, handler_cls, None, None, source=source)
+                except DiskFull as e:
+                    self.node.disk.report(e)
+                    raise RequestRefused(ErrorCode.disk_full, _disk_full_message(
+                        self.node, f"its params could not be stored ({e.strerror})"), req.type) from None
             except RequestRefused as e:
                 self.rejected += 1
                 log.warning("%s request for job %s refused: %s: %s", source, job_id, e.code.value, e.message)
                 raise
-            job = self.node.engine.accept(job_id, req, handler_cls, None, None, source=source)
             self.accepted += 1
         state.wait_durable()
         self.node.engine.dispatch(job)

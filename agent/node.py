@@ -18,12 +18,14 @@ from accelerators.detect import list_accelerators
 from agent import __version__
 from agent.config import AgentConfig
 from agent.discovery import Advertiser, find_broker, format_endpoint
+from agent.diskguard import MB, DiskGuard, DiskLimits, DiskReading
 from agent.engine import JobEngine
 from agent.intake import Intake
 from agent.jobs import registry
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
-from agent.protocol import JobState, NodeStatus, Topics, now
+from agent.protocol import ErrorCode, ErrorInfo, JobState, NodeError, NodeStatus, Topics, now
+from agent.retention import Retention, RetentionLimits
 from agent.state import StateStore
 from agent.stats import StatsPublisher
 from agent.streams.manager import StreamManager
@@ -46,7 +48,7 @@ class Node:
         self.topics = Topics(config.mqtt.topic_prefix, self.node_id)
         self.boot_id = uuid.uuid4().hex
         self.started_at = time.time()
-        self.state = StateStore(config.state_dir)
+        self._open_state()
         self.outbox = Outbox(self.state)
         self.engine = JobEngine(self)
         self.intake = Intake(self)
@@ -67,6 +69,36 @@ class Node:
 
             self.http = HttpService(self)
         registry.load_builtin()
+
+    def _open_state(self) -> None:
+        """The state store, the retention of what jobs leave on disk, and the disk guard that watches both."""
+        cfg = self.config
+        st = cfg.storage
+        self.state = StateStore(cfg.state_dir, spool_min_bytes=st.spool_min_kb * 1024)
+        self.retention = Retention(self.state, cfg.inference.resolve_outputs_dir(cfg.state_dir), RetentionLimits(
+            results_max_bytes=int(st.results_max_mb * MB), outputs_max_bytes=int(st.outputs_max_mb * MB),
+            outputs_max_age_s=st.outputs_days * 86400))
+        self.disk = DiskGuard(cfg.state_dir, DiskLimits(
+            free_low_bytes=int(st.free_low_mb * MB), free_resume_bytes=int(st.free_resume_mb * MB),
+            reserve_bytes=int(st.reserve_mb * MB), check_interval_s=st.check_interval_s),
+            free_space=self.retention.free, on_change=self._disk_changed)
+        self.state.add_write_error_listener(self.disk.report)
+
+    def _disk_changed(self, reading: DiskReading) -> None:
+        if reading.level != "ok":
+            free = f"{reading.free_bytes / MB:.1f} MB free" if reading.free_bytes is not None else "no free space"
+            err = NodeError(node_id=self.node_id, topic=None, ts=now(), error=ErrorInfo(
+                code=ErrorCode.disk_full.value,
+                message=f"the state disk has {free} (storage.free_low_mb = {self.config.storage.free_low_mb:g}): "
+                        "new work is refused with disk_full and running jobs are paused until "
+                        f"{self.config.storage.free_resume_mb:g} MB are free; old outputs and result logs are "
+                        "being deleted"))
+            try:
+                with self.state.transaction():
+                    self.outbox.add(self.topics.errors, err.model_dump(mode="json"), kind="error")
+            except Exception:  # the birth below still tells the fleet
+                log.exception("cannot queue the disk_full message")
+        self.announce_change()
 
     # -- identity -----------------------------------------------------------------------------------------
 
@@ -141,8 +173,6 @@ class Node:
     def job_finished(self, job: dict[str, Any]) -> None:
         if job["type"] in ("model.deploy", "model.remove") and job["state"] == JobState.SUCCEEDED.value:
             self.announce_change()
-        if self.http is not None:
-            self.http.job_finished(job)
 
     def node_status(self, state: str) -> NodeStatus:
         return NodeStatus(
@@ -150,6 +180,7 @@ class Node:
             node_id=self.node_id, version=__version__, boot_id=self.boot_id,
             bd_seq=int(self.state.meta_get("bd_seq", 0)), ts=now(), accelerators=self.accelerators(),
             models=self.models(), capabilities=self.capabilities(), pools=list(self.config.pools),
+            disk=self.disk.level,
         )
 
     def info(self) -> dict[str, Any]:
@@ -179,10 +210,13 @@ class Node:
         return [self.topics.request_filter] + [self.topics.pool_request_filter(p) for p in self.config.pools]
 
     def _will(self) -> tuple[str, bytes]:
-        # Each connection gets the next bd_seq; it is durable before CONNECT so birth and will always pair up.
+        # Each connection gets the next bd_seq, made durable before CONNECT when the disk allows it. Birth and will
+        # of one connection always carry the same number (it is read from memory); on a full disk the node still
+        # connects, and boot_id tells its runs apart should a number repeat after a restart.
         with self.state.transaction():
             self.state.meta_set("bd_seq", int(self.state.meta_get("bd_seq", 0)) + 1)
-        self.state.wait_durable()
+        if not self.state.wait_durable(timeout=5.0, give_up_on_error=True):
+            log.warning("bd_seq not yet on disk (%s); connecting anyway", self.state.write_error or "slow disk")
         return self.topics.status, self.node_status("offline").model_dump_json().encode()
 
     def _on_connected(self, session_present: bool) -> None:
@@ -236,6 +270,7 @@ class Node:
             rediscover=self._discover_broker if self.config.discovery.enabled and not self.config.mqtt.host else None,
             rediscover_after_s=self.config.discovery.rebrowse_after_s,
         )
+        self.disk.start()
         self.engine.start()
         self.intake.start()
         self.outbox.start(self.link)
@@ -272,6 +307,7 @@ class Node:
         if self._model_manager is not None:
             self._model_manager.close()
         self.outbox.stop()
+        self.disk.stop()
         self.state.close()
         log.info("stopped")
 

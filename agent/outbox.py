@@ -43,13 +43,18 @@ class Outbox:
         self._preexisting_upto = existing[-1][0] if existing else 0
         state.add_commit_listener(lambda gen: self._wake.set())
 
-    def add(self, topic: str, payload: dict[str, Any], retain: bool = False, expiry: Optional[int] = None,
-            correlation: Optional[str] = None, kind: str = "status") -> int:
-        """Queue a message; call inside a state transaction. It is published after that transaction commits."""
-        entry = {
-            "t": topic, "p": json.dumps(payload, separators=(",", ":"), default=str), "r": retain, "e": expiry,
-            "c": correlation, "k": kind, "g": self.state.generation + 1,
+    def add(self, topic: str, payload: Optional[dict[str, Any]], retain: bool = False, expiry: Optional[int] = None,
+            correlation: Optional[str] = None, kind: str = "status", job: Optional[tuple[str, int]] = None) -> int:
+        """Queue a message; call inside a state transaction. It is published after that transaction commits.
+
+        ``payload`` None publishes an empty message (with ``retain``: clears the topic's retained message).
+        ``job``: the (job id, version) a status belongs to, which lets the start-up check match statuses to jobs."""
+        entry: dict[str, Any] = {
+            "t": topic, "p": "" if payload is None else json.dumps(payload, separators=(",", ":"), default=str),
+            "r": retain, "e": expiry, "c": correlation, "k": kind, "g": self.state.generation + 1,
         }
+        if job is not None:
+            entry["j"], entry["v"] = job
         return self.state.outbox_add(entry)
 
     def start(self, link: "MqttLink") -> None:
@@ -104,7 +109,7 @@ class Outbox:
                 continue
             if rc >= 0x80:
                 self.refused += 1
-                doc = self.state.outbox_table.get(doc_id=entry_id)
+                doc = self.state.outbox_get(entry_id)
                 log.error("broker refused message to %s (reason code %#x); dropped, not retried",
                           doc["t"] if doc else "?", rc)
             done.append(entry_id)

@@ -69,13 +69,16 @@ class ErrorInfo(_Msg):
 class JobRequest(_Msg):
     """Controller → node on ``N/jobs/{job_id}/request`` (or a pool's request topic), QoS 1."""
 
-    type: str = Field(description="The job type, e.g. `node.info`.", min_length=1, max_length=64)
-    params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the job type.")
-    job_id: Optional[str] = Field(None, description="Optional; when present it must equal the topic's job id.")
+    # Strict: a string "5" or `true` where a number belongs is a mistake in the controller, not a value to guess.
+    type: str = Field(description="The job type, e.g. `node.info`.", min_length=1, max_length=64, strict=True)
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the job type.", strict=True)
+    job_id: Optional[str] = Field(None, description="Optional; when present it must equal the topic's job id.",
+                                  strict=True)
     timeout_s: Optional[float] = Field(
-        None, gt=0, le=30 * 24 * 3600, description="Seconds the job may run once started; then TIMED_OUT."
+        None, gt=0, le=30 * 24 * 3600, description="Seconds the job may run once started; then TIMED_OUT.", strict=True
     )
-    priority: int = Field(0, ge=-100, le=100, description="Higher runs first among queued jobs; default 0.")
+    priority: int = Field(0, ge=-100, le=100, description="Higher runs first among queued jobs; default 0.",
+                          strict=True)
 
 
 class JobStatus(_Msg):
@@ -93,9 +96,12 @@ class JobStatus(_Msg):
 
 
 class JobResult(BaseModel):
-    """Node → controller on ``N/jobs/{job_id}/result``, QoS 1. A job may send several; the last has final=true.
+    """Node → controller on ``N/jobs/{job_id}/result``, QoS 1. A job may send several chunks; every job that ends
+    (SUCCEEDED, FAILED, TIMED_OUT, CANCELED or REJECTED) sends exactly one message with final=true, before its
+    terminal status: it says how many chunks preceded it and whether the output is complete.
 
-    Besides the fields below, a result carries the job type's own output fields.
+    Besides the fields below, a result carries the job type's own output fields; the final message of a job that
+    did not succeed carries `state` and `error` instead.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -104,6 +110,11 @@ class JobResult(BaseModel):
     node_id: str
     seq: int = Field(ge=0, description="0, 1, 2... in order of production.")
     final: bool = Field(description="True on the last result message of the job.")
+    chunks: Optional[int] = Field(None, ge=0, description="On the final message: how many result messages preceded "
+                                  "it (seq 0 .. chunks-1); a controller that has fewer asks `job.result` for the rest.")
+    complete: Optional[bool] = Field(None, description="On the final message: true when the job succeeded and its "
+                                     "output is whole; false when it ended otherwise (the chunks sent are still "
+                                     "valid, the rest never came).")
     ts: float
 
 
@@ -121,13 +132,19 @@ class NodeStatus(_Msg):
     models: list[dict[str, Any]] = Field(default_factory=list)
     capabilities: list[str] = Field(default_factory=list, description="Job types this node accepts.")
     pools: list[str] = Field(default_factory=list)
+    disk: Literal["ok", "low", "full"] = Field(
+        "ok", description="The state disk: `low` (under `storage.free_low_mb`) or `full` (writes failing): new work "
+        "is REJECTED with `disk_full`, running jobs are paused, old outputs and result logs are deleted; back to "
+        "`ok` by itself once space is free.")
 
 
 class NodeError(_Msg):
-    """``N/errors``, QoS 1: a request that could not be tied to a job id (so no job status topic exists)."""
+    """``N/errors``, QoS 1: a request that could not be tied to a job id (so no job status topic exists), or a
+    condition of the node itself (`disk_full`)."""
 
     node_id: str
-    topic: str = Field(description="The topic the offending message arrived on.")
+    topic: Optional[str] = Field(description="The topic the offending message arrived on; null for a condition of "
+                                 "the node.")
     error: ErrorInfo
     ts: float
 

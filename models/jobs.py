@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.jobs.base import JobContext, JobError, JobHandler
+from agent.jobs.base import Effects, JobContext, JobError, JobHandler
 from agent.jobs.registry import register
 from models.catalog import CatalogError
 from models.fsutil import UnsafePackage
@@ -89,6 +89,7 @@ def deploy_model(ctx: JobContext, source: str, sha256: Optional[str] = None, smo
 @register
 class ModelDeploy(JobHandler):
     type = "model.deploy"
+    effects = Effects.once
     params_model = DeployParams
     description = ("Install a model (catalog name, URL or path), verify its sha256s, load and smoke-test it, then "
                    "activate it; a loaded model is hot-swapped. Progress while downloading.")
@@ -101,6 +102,7 @@ class ModelDeploy(JobHandler):
 @register
 class ModelRemove(JobHandler):
     type = "model.remove"
+    effects = Effects.once
     params_model = RemoveParams
     description = "Remove an installed model (or one version of it); a loaded model is unloaded first."
 

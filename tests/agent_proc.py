@@ -130,8 +130,12 @@ class AgentProc:
                               capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
     def jobs(self) -> dict[str, dict[str, Any]]:
-        data = json.loads((self.state_dir / "jobs.json").read_text())
-        return data.get("jobs", {})
+        """The jobs in the agent's state on disk (read as `cv-worker jobs` does, also while it runs)."""
+        from agent.state import StateStore
+
+        if not self.state_dir.exists():
+            return {}
+        return {j["job_id"]: j for j in StateStore(self.state_dir, read_only=True).all_jobs()}
 
 
 def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:

@@ -24,7 +24,7 @@ def _wait_states(agent, job_ids, states, timeout=30.0):
     deadline = time.monotonic() + timeout
     jobs = {}
     while time.monotonic() < deadline:
-        jobs = agent.jobs() if (agent.state_dir / "jobs.json").exists() else {}
+        jobs = agent.jobs()
         if all(jobs.get(j, {}).get("state") in states for j in job_ids):
             return jobs
         time.sleep(0.1)

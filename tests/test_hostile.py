@@ -67,6 +67,8 @@ class Answers:
         self.lock = threading.Lock()
 
     def on_message(self, client, userdata, msg) -> None:
+        if not msg.payload:
+            return  # a pruned job's retained status being cleared
         data = json.loads(msg.payload)
         with self.lock:
             if msg.topic.endswith("/errors"):

@@ -25,7 +25,7 @@ def test_node_info_round_trip_with_response_topic(agents, mosquitto):
     # And on the node's own topics: status retained with an expiry, result not retained.
     rec.wait_for(lambda m: any(t.endswith(f"{job_id}/status") and p["state"] == "SUCCEEDED" for t, p, _, _ in m))
     status_msgs = [(p, props) for t, p, props, _ in rec.messages if t == f"cvw/v1/nodes/node-a/jobs/{job_id}/status"]
-    assert all(props.MessageExpiryInterval <= 86400 and props.MessageExpiryInterval > 86000 for _, props in status_msgs)
+    assert all(props.MessageExpiryInterval <= 3600 and props.MessageExpiryInterval > 3500 for _, props in status_msgs)
     rec.close()
     # A late subscriber still sees the final state (retained).
     late = Recorder(mosquitto, f"cvw/v1/nodes/node-a/jobs/{job_id}/status")

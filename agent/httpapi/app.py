@@ -141,14 +141,14 @@ def _trim(value: Any, limit: int = 1024) -> Any:
     return value
 
 
-def job_view(job: dict[str, Any], full: bool = False) -> dict[str, Any]:
+def job_view(job: dict[str, Any], params: Optional[Any] = None) -> dict[str, Any]:
     keys = ("job_id", "type", "state", "version", "progress", "details", "error", "created", "started", "finished",
             "updated", "source", "pool", "priority", "timeout_s")
     out = {k: job.get(k) for k in keys}
     out["details"] = out["details"] or {}
     out["links"] = links(job["job_id"])
-    if full:
-        out["params"] = _trim(job.get("params") or {})
+    if params is not None:
+        out["params"] = _trim(params)
     return out
 
 
@@ -389,7 +389,7 @@ def create_app(node: "Node", service: "HttpService") -> FastAPI:
     @api.get("/jobs/{job_id}", response_model=JobView, responses=problem_responses(404), summary="One job")
     def get_job(job_id: JobId) -> Any:
         """The job's current status (poll this), with its params (long strings such as inline images shortened)."""
-        return job_view(get_job_or_404(job_id), full=True)
+        return job_view(get_job_or_404(job_id), params=state.get_params(job_id) or {})
 
     @api.get("/jobs/{job_id}/result", response_model=JobResults, responses=problem_responses(404),
              summary="A job's results")

@@ -224,17 +224,3 @@ class HttpService:
 
     # -- jobs -----------------------------------------------------------------------------------------------
 
-    def job_finished(self, job: dict[str, Any]) -> None:
-        """A job sent over HTTP ended: drop the inline image data from its stored params. It is not needed any more
-        (a finished job never runs again) and every state commit rewrites the job table, so megabytes of base64
-        per uploaded image would make the node slower with each prediction."""
-        if job.get("source") != "http":
-            return
-        params = job.get("params") or {}
-        images = params.get("images")
-        if not isinstance(images, list) or not any(isinstance(i, dict) and i.get("data") for i in images):
-            return
-        slim = [{**{k: v for k, v in i.items() if k != "data"}, "data_bytes": len(i["data"]) * 3 // 4}
-                if isinstance(i, dict) and i.get("data") else i for i in images]
-        with self.node.state.transaction():
-            self.node.state.update_job(job["job_id"], {"params": {**params, "images": slim}})

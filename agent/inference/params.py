@@ -73,6 +73,8 @@ class InferParams(_Strict):
 class JobResultParams(_Strict):
     job_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="The job whose results to send.")
     from_seq: int = Field(0, ge=0, description="Re-publish only result messages with this seq or later.")
+    max_chunks: Optional[int] = Field(None, ge=1, le=100000, description="Re-publish at most this many chunks (a "
+                                      "page); the final message's `next_seq` says where the next page starts.")
 
 
 class ItemError(_Strict):

@@ -8,6 +8,7 @@ engine only through ``JobContext``: report progress, save a checkpoint, stream r
 
 from __future__ import annotations
 
+import enum
 import threading
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
@@ -22,6 +23,26 @@ class NoParams(BaseModel):
     """Jobs that take no parameters still refuse unknown ones, so a typo is caught."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class Effects(str, enum.Enum):
+    """What running a job type changes, which decides what a crash may do to it (docs/protocol.md)."""
+
+    none = "none"  # reads and reports only: a second run after a crash changes nothing
+    idempotent = "idempotent"  # changes the node, but running it again leaves the same outcome
+    once = "once"  # must never run twice: it starts only once its IN_PROGRESS status is on disk
+
+    @property
+    def meaning(self) -> str:
+        return {
+            Effects.none: "reads and reports only; if the agent crashes before its IN_PROGRESS status is on disk "
+                          "it runs again after the restart, which changes nothing",
+            Effects.idempotent: "changes the node, but a second run leaves the same outcome, so a run repeated "
+                                "after a crash is harmless",
+            Effects.once: "has side effects that must not happen twice: it starts only once its IN_PROGRESS status "
+                          "is on disk, so after a crash it either never started (and runs) or ends FAILED "
+                          "`interrupted` — check the node before submitting it again",
+        }[self]
 
 
 class JobError(Exception):
@@ -85,10 +106,15 @@ class JobHandler(ABC):
     description: ClassVar[str] = ""
     # Control jobs (info, cancel, config) run on their own lane so they answer while workers are busy.
     control: ClassVar[bool] = False
+    effects: ClassVar[Effects] = Effects.none
 
     def resumable(self, params: Any) -> bool:
         """Whether an interrupted run of these params can continue from its last checkpoint."""
         return False
+
+    def effects_of(self, params: Any) -> Effects:
+        """What a run of these params changes (default: the class's ``effects``)."""
+        return self.effects
 
     @abstractmethod
     def run(self, ctx: JobContext) -> Optional[dict[str, Any]]:

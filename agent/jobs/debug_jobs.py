@@ -6,12 +6,14 @@ timeouts, cancellation, pool balancing, progress, and resuming from a checkpoint
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.jobs.base import JobContext, JobError, JobHandler
+from agent.jobs.base import Effects, JobContext, JobError, JobHandler
 from agent.jobs.registry import register
 
 
@@ -24,6 +26,19 @@ class SleepParams(BaseModel):
                             "job type that cannot resume (it fails with `interrupted`).")
     ignore_cancel: bool = Field(False, description="Do not check for cancellation (tests the watchdog).")
     fail: bool = Field(False, description="End FAILED with code `debug_failure` after the last step.")
+    side_effect: bool = Field(False, description="Behave as a job with side effects that must never run twice "
+                              "(effects `once`): before its first step it appends its job id to "
+                              "`<state_dir>/debug-side-effects.log`, which fault-injection tests count. Such a job "
+                              "does not resume: a crash while it runs ends it FAILED `interrupted`.")
+
+
+def _record_side_effect(path: Path, job_id: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, f"{job_id}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @register
@@ -33,11 +48,17 @@ class DebugSleep(JobHandler):
     description = "Sleep in steps with progress and checkpoints (diagnostics)."
 
     def resumable(self, params: SleepParams) -> bool:
-        return params.resumable
+        # A resumed run could not tell whether its effect happened just before the crash.
+        return params.resumable and not params.side_effect
+
+    def effects_of(self, params: SleepParams) -> Effects:
+        return Effects.once if params.side_effect else Effects.none
 
     def run(self, ctx: JobContext) -> Optional[dict[str, Any]]:
         p: SleepParams = ctx.params
         start_step = int((ctx.checkpoint or {}).get("step", 0))
+        if p.side_effect:
+            _record_side_effect(ctx.node.config.state_dir / "debug-side-effects.log", ctx.job_id)
         step_s = p.seconds / p.steps
         for step in range(start_step, p.steps):
             deadline = time.monotonic() + step_s

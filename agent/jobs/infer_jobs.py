@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from agent.inference.params import InferParams, ItemResult, JobResultParams
-from agent.jobs.base import JobContext, JobError, JobHandler
+from agent.jobs.base import Effects, JobContext, JobError, JobHandler
 from agent.jobs.registry import register
 
 # Fields the engine adds to every result message; a re-published message gets fresh ones.
@@ -18,6 +18,8 @@ _ENVELOPE = ("job_id", "node_id", "seq", "final", "ts")
 @register
 class Infer(JobHandler):
     type = "infer"
+    # A chunk redone after a crash writes the same output files and uploads (PUT) the same objects again.
+    effects = Effects.idempotent
     params_model = InferParams
     result_item_model = ItemResult
     description = ("Run a batch of images (url, path under inference.input_dirs, or base64 data) through an "
@@ -44,21 +46,36 @@ class JobResult(JobHandler):
         state = ctx.node.state
         job = state.get_job(p.job_id)
         if job is None:
+            tomb = state.get_tombstone(p.job_id)
+            if tomb is not None:
+                raise JobError("not_found", f"job {p.job_id!r} ended {tomb['state']} and was pruned from node "
+                               f"{ctx.node.node_id} with its results (jobs.retention_count / retention_days)",
+                               {"of_state": tomb["state"], "pruned": True})
             raise JobError("not_found", f"no job {p.job_id!r} on node {ctx.node.node_id} (it may have been pruned: "
                            "see jobs.retention_count / retention_days)")
+        if job.get("results_pruned"):
+            raise JobError("results_pruned", f"the results of job {p.job_id!r} were deleted "
+                           f"({job['results_pruned']}: storage.results_max_mb, or the disk ran short of space)",
+                           {"of_state": job["state"]})
         sent = 0
+        next_seq: Optional[int] = None
         final_payload: dict[str, Any] = {}
-        for msg in state.read_results(p.job_id):
+        for msg in state.read_results(p.job_id, upto_seq=int(job.get("result_seq") or 0) - 1):
             if msg.get("seq", 0) < p.from_seq:
                 continue
             ctx.check()
             body = {k: v for k, v in msg.items() if k not in _ENVELOPE}
             body.update(of_job=p.job_id, of_seq=msg.get("seq"))
             if msg.get("final"):
-                final_payload = body  # becomes this job's own final message below
+                # The earlier job's own final message: its totals become this job's final message below.
+                final_payload = {k: v for k, v in body.items() if k not in ("chunks", "complete")}
+                final_payload.update(of_chunks=msg.get("chunks"), of_complete=msg.get("complete"))
                 continue
+            if p.max_chunks is not None and sent >= p.max_chunks:
+                next_seq = msg.get("seq")
+                break
             ctx.publish_result(body)
             sent += 1
-        # The earlier job's final message (totals) is this job's final message; without one (the job is still
-        # running, or failed) the final message just says how many chunks were sent.
-        return {**final_payload, "of_job": p.job_id, "of_state": job["state"], "republished": sent}
+        # Without a final message of its own (the job is still running) the final message says how many were sent.
+        return {**final_payload, "of_job": p.job_id, "of_state": job["state"], "republished": sent,
+                "next_seq": next_seq}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from agent.jobs.base import JobContext, JobHandler
+from agent.jobs.base import Effects, JobContext, JobHandler
 from agent.jobs.registry import register
 from agent.protocol import CancelParams
 
@@ -22,6 +22,7 @@ class NodeInfo(JobHandler):
 @register
 class NodeRebirth(JobHandler):
     type = "node.rebirth"
+    effects = Effects.idempotent
     description = "Publish the retained birth message again (e.g. after the controller lost retained state)."
     control = True
 
@@ -43,6 +44,7 @@ class ConfigGet(JobHandler):
 @register
 class JobCancel(JobHandler):
     type = "job.cancel"
+    effects = Effects.idempotent
     params_model = CancelParams
     description = "Cancel a queued or running job on this node (params: job_id)."
     control = True

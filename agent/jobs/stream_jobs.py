@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.jobs.base import JobContext, JobError, JobHandler
+from agent.jobs.base import Effects, JobContext, JobError, JobHandler
 from agent.jobs.registry import register
 from agent.streams.config import _STREAM_ID_PATTERN, StreamConfig
 
@@ -38,6 +38,7 @@ def _manager(ctx: JobContext) -> Any:
 @register
 class StreamStart(JobHandler):
     type = "stream.start"
+    effects = Effects.idempotent
     params_model = StreamConfig
     description = ("Start watching a source (Pi camera, V4L2/USB, RTSP/HTTP, video file) with a model; publishes "
                    "detections, events and snapshots under `N/streams/{stream_id}/`. Persisted: resumed after a "
@@ -61,6 +62,7 @@ class StreamStart(JobHandler):
 @register
 class StreamStop(JobHandler):
     type = "stream.stop"
+    effects = Effects.idempotent
     params_model = StreamIdParams
     description = "Stop a stream and remove it from the persisted set (its open object events end)."
     control = True
@@ -89,6 +91,7 @@ class StreamList(JobHandler):
 @register
 class StreamSnapshot(JobHandler):
     type = "stream.snapshot"
+    effects = Effects.idempotent
     params_model = StreamIdParams
     description = "Publish the latest processed frame, boxes drawn, as a retained JPEG on `N/streams/{id}/snapshot`."
     control = True

@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Optional
 
-from agent.jobs.base import JobCanceled, JobContext, JobError, JobHandler, JobTimedOut
+from agent.jobs.base import Effects, JobCanceled, JobContext, JobError, JobHandler, JobTimedOut
 from agent.jobs.infer_jobs import JobResult
 from agent.jobs.node_jobs import JobCancel, NodeInfo
 from agent.jobs.registry import TRAINER, register_in
@@ -32,6 +32,7 @@ LOAD_SHARE, TRAIN_SHARE = 0.05, 0.85
 @register_in(TRAINER)
 class Train(JobHandler):
     type = "train"
+    effects = Effects.once
     params_model = TrainRequest
     description = ("Train a model on annotated images with a trainer plugin (default `classifier`), report "
                    "epoch/step/loss progress, and deliver the model package (artifact server or PUT to `model`).")

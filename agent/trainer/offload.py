@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Optional
 
-from agent.jobs.base import JobCanceled, JobContext, JobError, JobHandler, JobTimedOut
+from agent.jobs.base import Effects, JobCanceled, JobContext, JobError, JobHandler, JobTimedOut
 from agent.jobs.registry import register
 from agent.trainer.messages import TrainParams
 
@@ -45,6 +45,8 @@ def peer_job_id(node_id: str, job_id: str) -> str:
 @register
 class Train(JobHandler):
     type = "train"
+    # The build peer's job id derives from this job's id, so a second run reattaches to the same training.
+    effects = Effects.idempotent
     params_model = TrainParams
     description = ("Train a model on a build-system peer (`cv-worker trainer`, found by `train.build_peer` or "
                    "mDNS `role=build`), mirror its epoch/step/loss progress here, then install the result as "

@@ -25,7 +25,6 @@ from agent.jobs.base import JobError
 from agent.mqtt import MqttLink
 from agent.node import Node
 from agent.outbox import Outbox
-from agent.state import StateStore
 from agent.trainer.artifacts import ArtifactServer
 from agent.trainer.topics import TrainerTopics
 
@@ -49,7 +48,7 @@ class TrainerPeer(Node):
         self.topics = TrainerTopics(config.mqtt.topic_prefix, self.node_id, config.trainer.group)  # type: ignore
         self.boot_id = uuid.uuid4().hex
         self.started_at = time.time()
-        self.state = StateStore(config.state_dir)
+        self._open_state()
         self.outbox = Outbox(self.state)
         self.engine = JobEngine(self)
         self.intake = Intake(self)
