@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path as FsPath
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Optional
 
-from fastapi import Depends, FastAPI, File, Path, Query, Request, Response, UploadFile
+from fastapi import Depends, FastAPI, File, Header, Path, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRouter
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
+from agent.httpapi.history import MAX_JOBS, MAX_STATUSES, VERSIONS_PER_JOB, encode_status
 from agent.httpapi.metrics import NodeMetrics
 from agent.httpapi.problems import (
     PROBLEM_MEDIA_TYPE,
@@ -53,6 +54,18 @@ KEEPALIVE_S = 15.0
 DRAIN_MAX_BYTES = 16 * 2**20  # an oversized chunked body is read to its end (and dropped) up to this much
 TERMINAL = {s.value for s in TERMINAL_STATES}
 _ITEM_ID_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+_VERSION = re.compile(r"[0-9]{1,18}")
+EVENTS_DESCRIPTION = (
+    "Every version of the job's status once, in version order: `event: status`, `id:` the version, data the "
+    "JobStatus exactly as on MQTT. First the versions after the `Last-Event-ID` header (from version 1 without it), "
+    "then each new version as the job changes. Versions are replayed from memory (the last "
+    f"{VERSIONS_PER_JOB} of each of the {MAX_JOBS:,} most recently changed jobs, {MAX_STATUSES:,} in all); in place "
+    "of versions that are not there any more (or never were: from before the agent restarted) comes an "
+    '`event: gap` (no id) with data `{"from": first_missing, "to": last_missing}`, so a client never misses a '
+    "change without knowing; the current version is always sent. After the status of a terminal state, `event: end` "
+    'with data `{"state": ...}`, then the stream closes; `{"state": null, "reason": "pruned"}` when the job was '
+    f"pruned meanwhile. A comment line every {KEEPALIVE_S:.0f} s keeps a quiet stream open. See docs/http.md."
+)
 
 
 # -- response models (what the OpenAPI spec promises) ----------------------------------------------------------
@@ -150,6 +163,14 @@ def job_view(job: dict[str, Any], params: Optional[Any] = None) -> dict[str, Any
     if params is not None:
         out["params"] = _trim(params)
     return out
+
+
+def status_frame(version: int, data: str) -> str:
+    return f"id: {version}\nevent: status\ndata: {data}\n\n"
+
+
+def gap_frame(first: int, last: int) -> str:
+    return f"event: gap\ndata: {json.dumps({'from': first, 'to': last})}\n\n"
 
 
 def new_job_id() -> str:
@@ -411,31 +432,57 @@ def create_app(node: "Node", service: "HttpService") -> FastAPI:
         except JobError as e:
             raise ProblemError(e.code, e.message) from None
 
-    @api.get("/jobs/{job_id}/events", summary="Follow a job (server-sent events)",
-             responses={200: {"description": "`text/event-stream`: one `status` event (data: the JobStatus as on "
-                              "MQTT, id: its version) per change, then `end` when the job ended.",
+    @api.get("/jobs/{job_id}/events", summary="Follow a job (server-sent events)", description=EVENTS_DESCRIPTION,
+             responses={200: {"description": "`text/event-stream`: `status` events (id: the version), `gap` events "
+                              "for versions no longer known, then `end`.",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                         **problem_responses(404)})
-    async def job_events(request: Request, job_id: JobId) -> StreamingResponse:
+    async def job_events(
+        job_id: JobId,
+        last_event_id: Annotated[Optional[str], Header(
+            alias="Last-Event-ID", description="The last version the client has (EventSource sends it when it "
+            "reconnects): only later versions are sent.")] = None,
+    ) -> StreamingResponse:
         get_job_or_404(job_id)
-        last_id = request.headers.get("last-event-id", "")
-        last = int(last_id) if last_id.isdigit() else 0
+        given = (last_event_id or "").strip()
+        last = int(given) if _VERSION.fullmatch(given) else 0
+
+        def catch_up(after: int, job: Optional[dict[str, Any]]) -> tuple[bytes, int]:
+            """Frames for every version after ``after`` up to the job's current one (when the job was pruned, up to
+            the last one recorded), with a gap for each run of versions no longer known; and the last version sent.
+            Nothing newer than the state's own version: a recorded status of a transaction still open is not sent."""
+            upto = job["version"] if job is not None else None
+            out: list[str] = []
+            expected = after + 1
+            for event in service.history.after(job_id, after, upto):
+                if event.version > expected:
+                    out.append(gap_frame(expected, event.version - 1))
+                out.append(status_frame(event.version, event.data))
+                expected = event.version + 1
+            if job is not None and expected <= job["version"]:
+                # The current version is always known, from the state, even when it predates this agent's start.
+                if expected < job["version"]:
+                    out.append(gap_frame(expected, job["version"] - 1))
+                status = encode_status(node.engine.status_of(job).model_dump(mode="json"))
+                out.append(status_frame(job["version"], status))
+                expected = job["version"] + 1
+            return "".join(out).encode(), expected - 1
 
         async def events() -> AsyncIterator[bytes]:
-            nonlocal last
+            sent = last
             loop = asyncio.get_running_loop()
             quiet_since = loop.time()
             while not service.closing.is_set():
                 ev = service.notifier.event()
                 job = state.get_job(job_id)
+                if job is None or job["version"] > sent:
+                    frames, sent = catch_up(sent, job)
+                    if frames:
+                        yield frames
+                        quiet_since = loop.time()
                 if job is None:
                     yield b'event: end\ndata: {"state":null,"reason":"pruned"}\n\n'
                     return
-                if job["version"] > last:
-                    last = job["version"]
-                    status = node.engine.status_of(job).model_dump_json()
-                    yield f"id: {last}\nevent: status\ndata: {status}\n\n".encode()
-                    quiet_since = loop.time()
                 if job["state"] in TERMINAL:
                     yield f"event: end\ndata: {json.dumps({'state': job['state']})}\n\n".encode()
                     return

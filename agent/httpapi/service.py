@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from agent.httpapi.history import StatusHistory
+
 if TYPE_CHECKING:
     from agent.node import Node
 
@@ -111,6 +113,9 @@ class HttpService:
         self.error: Optional[str] = None
         self.closing = threading.Event()
         self.notifier = ChangeNotifier()
+        # Registered here, before the engine starts, so that the statuses of jobs resumed at start are kept too.
+        self.history = StatusHistory()
+        node.engine.add_status_listener(self._on_status)
         self._token: Optional[str] = None
         self._token_mtime: Optional[float] = None
         self._token_lock = threading.Lock()
@@ -137,6 +142,7 @@ class HttpService:
             sock = listen_socket(cfg.bind, cfg.port)
         except HttpSetupError as e:
             self.error = str(e)
+            self.history.clear()
             log.error("HTTP API not started: %s", e)
             return None
         self.port = sock.getsockname()[1]
@@ -180,10 +186,15 @@ class HttpService:
             self._server.run(sockets=[sock])
         except Exception as e:  # the HTTP side must never take the agent down
             self.error = f"HTTP server failed: {type(e).__name__}: {e}"
+            self.history.clear()
             log.exception("HTTP server failed")
         finally:
             self.notifier.bind(None)
             sock.close()
+
+    def _on_status(self, status: dict[str, Any]) -> None:  # on an engine thread, inside a state transaction
+        if self.error is None:  # no server, no readers: keep nothing
+            self.history.record(status)
 
     def on_loop_started(self, loop: asyncio.AbstractEventLoop) -> None:
         self.notifier.bind(loop)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,6 +70,29 @@ class Api:
             time.sleep(0.1)
 
 
+@dataclass(frozen=True)
+class SseEvent:
+    event: str
+    data: str
+    id: Optional[str] = None
+
+
+def sse_events(resp: requests.Response) -> Iterator[SseEvent]:
+    """The events of a text/event-stream response as they arrive (comments skipped), up to and with `end`."""
+    fields: dict[str, str] = {}
+    for line in resp.iter_lines(decode_unicode=True):
+        if line == "":
+            if fields:
+                ev = SseEvent(fields.get("event", "message"), fields.get("data", ""), fields.get("id"))
+                yield ev
+                if ev.event == "end":
+                    return
+            fields = {}
+        elif not line.startswith(":"):
+            k, _, v = line.partition(":")
+            fields[k] = v[1:] if v.startswith(" ") else v
+
+
 def wait_http(url: str, timeout: float = 30.0, verify: Any = True) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -117,12 +141,12 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 
 def http_agent(workdir: Path, broker: Mosquitto, store: Path, node_id: str, streams: Optional[list[dict]] = None,
-               **http: Any) -> AgentProc:
+               jobs: Optional[dict[str, Any]] = None, **http: Any) -> AgentProc:
     """An agent (not started) with the HTTP API on a free loopback port and BlazeFace installed."""
     cfg = {"enabled": True, "bind": "127.0.0.1", "port": free_port(), **http}
     a = AgentProc(workdir, broker, node_id, http=cfg,
                   inference={"max_image_bytes": MAX_IMAGE_BYTES, "progress_interval_s": 0.1},
-                  stats={"interval_s": 30.0})
+                  stats={"interval_s": 30.0}, jobs=jobs or {})
     shutil.copytree(store, a.state_dir / "models", dirs_exist_ok=True)
     if streams:
         with open(a.config_path, "a") as f:

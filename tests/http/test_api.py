@@ -12,7 +12,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.agent_proc import Recorder, controller, final_states
-from tests.http.conftest import ASTRONAUT_FACE, MAX_BODY_BYTES, MAX_IMAGE_BYTES, problem_of
+from tests.http.conftest import ASTRONAUT_FACE, MAX_BODY_BYTES, MAX_IMAGE_BYTES, problem_of, sse_events
 
 
 def _close(a, b, tol=15.0):
@@ -111,26 +111,15 @@ def test_job_errors_use_the_protocol_codes(api):
 def test_server_sent_events(api):
     r = api.post("/v1/jobs", json={"type": "debug.sleep", "params": {"seconds": 0.6}})
     job_id = r.json()["job_id"]
-    events = []
     with api.get(f"/v1/jobs/{job_id}/events", stream=True, timeout=30) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-        event: dict = {}
-        for line in resp.iter_lines(decode_unicode=True):
-            if line == "":
-                if event:
-                    events.append(event)
-                    if event.get("event") == "end":
-                        break
-                event = {}
-            elif not line.startswith(":"):
-                k, _, v = line.partition(": ")
-                event[k] = v
-    statuses = [json.loads(e["data"]) for e in events if e["event"] == "status"]
+        events = list(sse_events(resp))
+    statuses = [json.loads(e.data) for e in events if e.event == "status"]
     assert [s["state"] for s in statuses][-1] == "SUCCEEDED" and "IN_PROGRESS" in [s["state"] for s in statuses]
     versions = [s["version"] for s in statuses]
-    assert versions == sorted(set(versions)) and [int(e["id"]) for e in events if "id" in e] == versions
+    assert versions == sorted(set(versions)) and [int(e.id) for e in events if e.id] == versions
     assert all(s["job_id"] == job_id and s["node_id"] == "http-node" for s in statuses)
-    assert json.loads(events[-1]["data"]) == {"state": "SUCCEEDED"}
+    assert json.loads(events[-1].data) == {"state": "SUCCEEDED"}
     # Reconnecting with Last-Event-ID gives only what came after; for an ended job just the end.
     with api.get(f"/v1/jobs/{job_id}/events", stream=True, headers={"Last-Event-ID": str(versions[-1])}) as resp:
         text = resp.text
