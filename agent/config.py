@@ -15,13 +15,22 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from accelerators.config import AcceleratorsConfig
 from agent.httpapi.config import HttpConfig
 from agent.inference.config import InferenceConfig
-from agent.streams.config import StatsConfig, StreamConfig
+from agent.streams.config import StatsConfig, StreamConfig, StreamLimitsConfig
 from agent.trainer.config import TrainConfig, TrainerConfig
 from models.config import ModelsConfig
 
@@ -269,6 +278,8 @@ class AgentConfig(BaseSettings):
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     accelerators: AcceleratorsConfig = Field(default_factory=AcceleratorsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    # Before `streams`: the `streams` validator reads the limit from the fields validated so far.
+    stream_limits: StreamLimitsConfig = Field(default_factory=StreamLimitsConfig)
     streams: list[StreamConfig] = Field(
         default_factory=list, description="Streams watched from boot (`[[streams]]` tables, same fields as the "
         "params of `stream.start`; see docs/streams.md).")
@@ -293,6 +304,16 @@ class AgentConfig(BaseSettings):
         for p in v:
             if not SAFE_TOKEN_RE.match(p):
                 raise ValueError(f"pool name {p!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("streams")
+    @classmethod
+    def _streams_within_limit(cls, v: list[StreamConfig], info: ValidationInfo) -> list[StreamConfig]:
+        limits = info.data.get("stream_limits")  # absent when [stream_limits] itself is invalid (reported there)
+        ids = list(dict.fromkeys(s.stream_id for s in v))
+        if isinstance(limits, StreamLimitsConfig) and len(ids) > limits.max_streams:
+            raise ValueError(f"declares {len(ids)} streams ({', '.join(ids)}) but stream_limits.max_streams is "
+                             f"{limits.max_streams}: raise the limit or remove streams")
         return v
 
     # Set by load_config so that reloads and `config check` know where the values came from.

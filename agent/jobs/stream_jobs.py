@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.jobs.base import Effects, JobContext, JobError, JobHandler
 from agent.jobs.registry import register
 from agent.streams.config import _STREAM_ID_PATTERN, StreamConfig
+from agent.streams.manager import TooManyStreams
 
 
 class StreamIdParams(BaseModel):
@@ -43,11 +44,17 @@ class StreamStart(JobHandler):
     description = ("Start watching a source (Pi camera, V4L2/USB, RTSP/HTTP, video file) with a model; publishes "
                    "detections, events and snapshots under `N/streams/{stream_id}/`. Persisted: resumed after a "
                    "restart. Starting a running stream with new params restarts it; with the same params is a no-op. "
-                   "Fails with `model_not_found` or `load_failed`; source problems are retried, not failures.")
+                   "Fails with `too_many_streams` (a new stream beyond `stream_limits.max_streams`), "
+                   "`model_not_found` or `load_failed`; source problems are retried, not failures.")
 
     def run(self, ctx: JobContext) -> Optional[dict[str, Any]]:
         spec: StreamConfig = ctx.params
         node = ctx.node
+        mgr = _manager(ctx)
+        try:
+            mgr.check_room(spec.stream_id)  # before loading a model for a stream that cannot run
+        except TooManyStreams as e:
+            raise JobError("too_many_streams", str(e)) from None
         if node.model_store.active_version(spec.model) is None:
             raise JobError("model_not_found", f"model {spec.model!r} is not installed on this node; deploy it first "
                            f"(model.deploy with source={spec.model!r} for a catalog model)")
@@ -55,7 +62,10 @@ class StreamStart(JobHandler):
             node.model_manager.load(spec.model)  # load now so that a broken model fails this job, not silently
         except Exception as e:
             raise JobError("load_failed", f"model {spec.model} cannot be loaded: {e}") from None
-        stream, unchanged = _manager(ctx).start(spec)
+        try:
+            stream, unchanged = mgr.start(spec)
+        except TooManyStreams as e:  # another stream.start took the last place while the model loaded
+            raise JobError("too_many_streams", str(e)) from None
         return {"stream": stream.describe(), "unchanged": unchanged}
 
 
@@ -64,7 +74,8 @@ class StreamStop(JobHandler):
     type = "stream.stop"
     effects = Effects.idempotent
     params_model = StreamIdParams
-    description = "Stop a stream and remove it from the persisted set (its open object events end)."
+    description = ("Stop a stream and remove it from the persisted set (its open object events end); its retained "
+                   "snapshot on `N/streams/{id}/snapshot` is cleared.")
     control = True
 
     def run(self, ctx: JobContext) -> Optional[dict[str, Any]]:

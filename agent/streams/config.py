@@ -1,4 +1,5 @@
-"""Configuration and parameters of live streams (``[[streams]]`` tables, ``stream.start``) and of ``[stats]``.
+"""Configuration and parameters of live streams (``[[streams]]`` tables, ``stream.start``), of ``[stream_limits]``
+and of ``[stats]``.
 
 One model, ``StreamConfig``, serves both the config file and the ``stream.start`` job, so a stream declared in
 TOML and one started over MQTT behave identically and persist in the same form.
@@ -6,9 +7,9 @@ TOML and one started over MQTT behave identically and persist in the same form.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 # Same rule as node ids and job ids (agent.config.SAFE_TOKEN_RE): a stream id is one MQTT topic level.
 _STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -45,6 +46,10 @@ class TrackerOptions(BaseModel):
     update_iou: float = Field(0.5, gt=0, lt=1, description="An `update` is sent when the box moved so that its IoU "
                               "with the last published box falls below this...")
     update_score_delta: float = Field(0.1, gt=0, le=1, description="...or the best score rose by this much.")
+    max_tracks: int = Field(
+        100, ge=1, le=1000, description="Most objects tracked at once. A frame's detections beyond it are ignored "
+        "(lowest scores first), and when a new object needs room the one unseen longest is dropped (`end` if it "
+        "had started); without this bound a noisy model or a long `end_after_s` would grow the tracker without end.")
 
 
 class StreamConfig(BaseModel):
@@ -67,7 +72,10 @@ class StreamConfig(BaseModel):
     roi: Optional[tuple[float, float, float, float]] = Field(
         None, description="Region of interest `[x1, y1, x2, y2]` as fractions (0..1) of the frame; only this part is "
         "analysed, boxes stay in full-frame pixels.")
-    classes: Optional[list[str]] = Field(None, description="Only these labels are reported; default: all.")
+    # Bounded because the params are persisted and rewritten with the node's state: 256 labels is more than any
+    # model here has, and an 8 MiB list would make every state commit slow.
+    classes: Optional[list[Annotated[str, StringConstraints(min_length=1, max_length=128)]]] = Field(
+        None, max_length=256, description="Only these labels are reported (at most 256); default: all.")
     loop: bool = Field(False, description="File sources: start again at the end instead of ending.")
     publish: PublishOptions = Field(default_factory=PublishOptions)
     tracker: TrackerOptions = Field(default_factory=TrackerOptions)
@@ -105,3 +113,20 @@ class StatsConfig(BaseModel):
     enabled: bool = Field(True, description="Publish `N/stats` periodically (a `node.stats` job always works).")
     interval_s: float = Field(30.0, ge=0.5, le=86400, description="Seconds between two `N/stats` messages.")
     retain: bool = Field(True, description="Publish `N/stats` retained, so a new dashboard sees the latest at once.")
+
+
+class StreamLimitsConfig(BaseModel):
+    """The ``[stream_limits]`` section: bounds on what a node's streams take, on the node and on the broker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_streams: int = Field(
+        8, ge=0, le=256, description="Streams this node runs at once, config-declared and started by `stream.start` "
+        "together (each costs a capture thread, an inference thread and a share of the accelerator). `stream.start` "
+        "of one more fails with `too_many_streams` (restarting a running stream with new params is not one more); "
+        "a config that declares more `[[streams]]` is invalid; persisted streams beyond it are not resumed at boot "
+        "and are dropped from the persisted set. 0: this node runs no streams.")
+    snapshot_expiry_s: int = Field(
+        24 * 3600, ge=0, le=2**32 - 1, description="MQTT message expiry of the retained JPEG on "
+        "`N/streams/{id}/snapshot`, so the broker forgets the snapshot of a stream that no longer exists (a stream "
+        "stopped with `stream.stop` has its snapshot cleared at once). 0: no expiry.")

@@ -33,11 +33,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("cv_worker.streams")
 
 
-def _props(content_type: str, **user: Any) -> Properties:
+def snapshot_topic(node: "Node", stream_id: str) -> str:
+    return f"{node.topics.node}/streams/{stream_id}/snapshot"
+
+
+def _props(content_type: str, expiry_s: int = 0, **user: Any) -> Properties:
     props = Properties(PacketTypes.PUBLISH)
     props.ContentType = content_type
     if content_type == "application/json":
         props.PayloadFormatIndicator = 1
+    if expiry_s:
+        props.MessageExpiryInterval = int(expiry_s)
     if user:
         props.UserProperty = [(k, str(v)) for k, v in user.items()]
     return props
@@ -55,7 +61,7 @@ class Stream:
         base = f"{node.topics.node}/streams/{self.id}"
         self.topic_detections = f"{base}/detections"
         self.topic_events = f"{base}/events"
-        self.topic_snapshot = f"{base}/snapshot"
+        self.topic_snapshot = snapshot_topic(node, self.id)
         self.mailbox = LatestFrame()
         self.tracker = IouTracker(spec.tracker)
         self.state = "starting"
@@ -255,9 +261,12 @@ class Stream:
         jpeg = render_jpeg(frame, dets, pub.snapshot_quality, pub.snapshot_max_width)
         self._last_snapshot = time.monotonic()
         link = self.node.link
-        if link is None or not link.connected.is_set():
+        # Once stopping, no snapshot: `stream.stop` clears the retained one after the stop, and a late snapshot
+        # (an inference that outlived the join) would bring it back.
+        if link is None or not link.connected.is_set() or self._stop.is_set():
             return None
-        props = _props("image/jpeg", stream_id=self.id, frame=frame_no, ts=round(time.time(), 3), reason=reason,
+        props = _props("image/jpeg", self.node.config.stream_limits.snapshot_expiry_s, stream_id=self.id,
+                       frame=frame_no, ts=round(time.time(), 3), reason=reason,
                        detections=json.dumps(dets, separators=(",", ":")))
         link.client.publish(self.topic_snapshot, jpeg, qos=1, retain=True, properties=props)
         return {"topic": self.topic_snapshot, "bytes": len(jpeg), "frame": frame_no, "detections": dets}

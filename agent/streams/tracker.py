@@ -3,7 +3,8 @@
 Greedy matching by IoU within a label is enough for the slow-moving objects of a fixed camera, and costs nothing
 next to the model. A track becomes an *event* after ``min_hits`` frames (so a one-frame false positive does not
 alert anyone), sends ``update`` when its box moved or its best score rose noticeably, and ``end`` once it has
-not been seen for ``end_after_s``.
+not been seen for ``end_after_s``. At most ``max_tracks`` tracks are kept: the state of a stream that runs for
+months must not grow with what its model sees.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class IouTracker:
     def update(self, detections: list[tuple[str, float, Box]], now: float, frame: int) -> list[TrackEvent]:
         """Feed one processed frame's detections (label, score, box); returns the events it caused."""
         events: list[TrackEvent] = []
+        if len(detections) > self.opt.max_tracks:
+            # More objects than the tracker may hold: the surest ones. Also bounds the pairs below (tracks x dets).
+            detections = sorted(detections, key=lambda d: d[1], reverse=True)[:self.opt.max_tracks]
         # Candidate pairs, best IoU first: greedy one-to-one assignment.
         pairs = sorted(
             ((iou(t.box, d[2]), ti, di) for ti, t in enumerate(self.tracks) for di, d in enumerate(detections)
@@ -94,6 +98,21 @@ class IouTracker:
             if self.opt.min_hits <= 1:
                 events.append(self._start(t, now, frame))
         events += self.expire(now, frame)
+        events += self._evict(now, frame)
+        return events
+
+    def _evict(self, now: float, frame: int) -> list[TrackEvent]:
+        """Drop the tracks unseen longest (never-reported ones first among equals) beyond ``max_tracks``.
+
+        This frame's tracks all have ``last_seen == now`` and number at most ``max_tracks`` (the detections were
+        cut to it), so only older tracks go: an object that is still in view is never dropped for a new one.
+        """
+        excess = len(self.tracks) - self.opt.max_tracks
+        if excess <= 0:
+            return []
+        drop = {id(t) for t in sorted(self.tracks, key=lambda t: (t.last_seen, t.event_id is not None))[:excess]}
+        events = [TrackEvent("end", t, now, frame) for t in self.tracks if id(t) in drop and t.event_id is not None]
+        self.tracks = [t for t in self.tracks if id(t) not in drop]
         return events
 
     def expire(self, now: float, frame: int) -> list[TrackEvent]:
