@@ -75,10 +75,12 @@ TOPICS = [
     ("`N/jobs/{job_id}/request`", "controller → node", "1", "no", "JobRequest."),
     ("`{prefix}/pools/{pool}/jobs/{job_id}/request`", "controller → one node of the pool", "1", "no",
      "JobRequest; nodes subscribe with `$share/{pool}/...` so the broker balances; replies use the node's topics."),
-    ("`N/jobs/{job_id}/status`", "node → controller", "1", "yes (with message expiry)", "JobStatus."),
-    ("`N/jobs/{job_id}/result`", "node → controller", "1", "no", "JobResult (one or more; the last has "
-     "`final: true`)."),
-    ("`N/errors`", "node → controller", "1", "no", "NodeError: a request without a readable job id."),
+    ("`N/jobs/{job_id}/status`", "node → controller", "1", "yes (with message expiry)", "JobStatus. An empty "
+     "retained message clears it when the node prunes the job."),
+    ("`N/jobs/{job_id}/result`", "node → controller", "1", "no", "JobResult: chunks, then exactly one with "
+     "`final: true` for every job that ends."),
+    ("`N/errors`", "node → controller", "1", "no", "NodeError: a request without a readable job id, or a condition "
+     "of the node (`disk_full`)."),
     ("Response Topic of the request", "node → controller", "1", "no",
      "Every status and result of that job again, with the request's Correlation Data (MQTT 5 request/response)."),
     ("`{prefix}/trainers/jobs/{job_id}/request`", "node or controller → one build peer", "1", "no",
@@ -116,16 +118,39 @@ def protocol_markdown() -> str:
         "",
         "`QUEUED → IN_PROGRESS → SUCCEEDED | FAILED | TIMED_OUT | CANCELED`; a request that cannot be accepted is "
         "`REJECTED` at once. Every status update increments `version`; delivery is at-least-once, so keep the "
-        "highest version you have seen. A request with a job id the node already has is not run again: the node "
-        "re-publishes that job's latest status (a REJECTED job id may be reused with a corrected request). "
-        "`timeout_s` counts from when the job starts running. Results are published before the final status, so "
-        "a controller that sees `SUCCEEDED` already has the final result.",
+        "highest version you have seen. `timeout_s` counts from when the job starts running.",
+        "",
+        "**Which topics a controller subscribes to.** For a job it sent: `N/jobs/{job_id}/status` and "
+        "`N/jobs/{job_id}/result` (or `N/jobs/{job_id}/+`), subscribed before publishing the request — or an MQTT 5 "
+        "Response Topic on the request, which receives every status and result of that job. For the fleet: "
+        "`{prefix}/nodes/+/status` (births and wills). Do not subscribe to `N/#` or `{prefix}/#`: retained job "
+        "statuses and stream snapshots arrive all at once, and a broker drops what exceeds its queue for one "
+        "client (mosquitto's `max_queued_messages`, 1000 by default).",
+        "",
+        "**Completion.** Every job that ends — SUCCEEDED, FAILED, TIMED_OUT, CANCELED or REJECTED — sends exactly "
+        "one result with `final: true`, before its terminal status: `chunks` says how many result messages preceded "
+        "it (seq 0 .. chunks-1) and `complete` whether the output is whole (true only for SUCCEEDED; the final "
+        "message of any other end carries `state` and `error`). A controller that holds fewer chunks asks "
+        "`job.result` (`from_seq`, `max_chunks` to page). A controller that sees a terminal status already has "
+        "the final result.",
+        "",
+        "**Nothing twice.** A request with a job id the node already has is not run again: the node re-publishes "
+        "that job's latest status (a REJECTED job id may be reused with a corrected request; versions go on from "
+        "the old ones). When a finished job is pruned (`jobs.retention_count`, `jobs.retention_days`) its retained "
+        "status is cleared (an empty retained message) and a tombstone keeps its id, final state and version for "
+        "`jobs.tombstone_days` (30 days by default): a request re-sent with that id is answered with the old final "
+        "status (not retained, `details.pruned: true`) and never runs again. Requests published with the retain "
+        "flag are REJECTED `retained_request`: a broker delivers a retained message again to every new "
+        "subscriber, so it would run again. Each job type below says what a crash can do to it (its effects).",
         "",
         "Delivery guarantees: the node keeps a persistent session (requests sent while it is away are delivered "
-        "when it is back); a request is written to the node's disk before the broker gets its PUBACK; statuses "
-        "and results go through a durable outbox and are published in order once the broker is reachable, also "
-        "after a restart. After a crash, QUEUED jobs run, IN_PROGRESS jobs resume from their checkpoint when "
-        "their type can, else end FAILED with `interrupted`.",
+        "when it is back); a request is written to the node's disk before the broker gets its PUBACK; a job's "
+        "state change, the messages it queues and its results reach the disk together in one journal append, and "
+        "statuses and results go through that durable outbox and are published in order once the broker is "
+        "reachable, also after a restart or a power cut. After a crash, QUEUED jobs run, IN_PROGRESS jobs resume "
+        "from their checkpoint when their type can, else end FAILED with `interrupted`. When the node's state disk "
+        "runs short of space (`storage.free_low_mb`) it refuses new work with `disk_full` (control jobs still "
+        "run), pauses running jobs at their next checkpoint (`details.paused: disk_full`) and resumes by itself.",
         "",
         "States: " + ", ".join(f"`{s.value}`" for s in JobState) + ".",
         "",
@@ -163,7 +188,8 @@ def protocol_markdown() -> str:
         out += [f"### {name}", "", (model.__doc__ or "").strip().replace("\n    ", "\n"), "", _fields_table(schema)]
     out += ["## Job types", ""]
     for job_type, handler in sorted(registry.handlers().items()):
-        out += [f"### `{job_type}`", "", handler.description or "", ""]
+        out += [f"### `{job_type}`", "", handler.description or "", "",
+                f"Effects: `{handler.effects.value}` — {handler.effects.meaning}.", ""]
         if job_type.startswith("debug."):
             out += ["Accepted only when `jobs.enable_debug_jobs = true`.", ""]
         out += ["Params:", "", _fields_table(handler.params_model.model_json_schema())]
@@ -183,6 +209,18 @@ def protocol_markdown() -> str:
             "  -m '{\"type\": \"node.info\"}'", "mosquitto_sub -V mqttv5 -t 'cvw/v1/nodes/pi-1/jobs/j-42/#' -v", "```",
             "", "Or `cv-worker submit node.info --node pi-1 --wait`.", ""]
     return "\n".join(out)
+
+
+def _bounds(field: Any) -> str:
+    """The limits a config field's validation enforces, as a person reads them."""
+    words = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    parts = []
+    for m in field.metadata:
+        for attr, sym in words.items():
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v:g}" if isinstance(v, float) else f"{sym} {v}")
+    return f" Allowed: {', '.join(parts)}." if parts else ""
 
 
 def config_markdown() -> str:
@@ -216,7 +254,7 @@ def config_markdown() -> str:
                 default = "(computed)" if name in ("node_id", "state_dir") else json.dumps(field.default_factory())
             else:
                 default = json.dumps(field.default, default=str)
-            desc = (field.description or "").replace("|", "/")
+            desc = (field.description or "").replace("|", "/") + _bounds(field)
             rows.append(f"| `{name}` | `{env}` | `{default}` | {desc} |")
         if len(rows) > 2:
             out.extend([f"## {'[' + '.'.join(path) + ']' if path else 'top level'}", "", *rows, ""])
