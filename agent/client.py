@@ -43,11 +43,15 @@ class JobOutcome:
 
     @property
     def done(self) -> bool:
+        """The job ended and its final result arrived (every job that ends sends one before its terminal status;
+        a job the node pruned long ago is answered with its final status alone)."""
         if self.last is None or JobState(self.last["state"]) not in TERMINAL_STATES:
             return False
-        if self.last["state"] == JobState.SUCCEEDED.value:
-            return any(r.get("final") for r in self.results)
-        return True
+        return any(r.get("final") for r in self.results) or bool((self.last.get("details") or {}).get("pruned"))
+
+    @property
+    def final(self) -> Optional[dict[str, Any]]:
+        return next((r for r in self.results if r.get("final")), None)
 
 
 class Controller:

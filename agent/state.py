@@ -166,7 +166,7 @@ class StateStore:
         self._error_listeners: list[Callable[[Optional[OSError]], None]] = []
         self._unsynced: set[Path] = set()  # result and spool files written since the last commit
         self._state_counts: Optional[dict[str, int]] = None
-        self._last_commit_s = 0.0
+        self._last_commit_cpu_s = 0.0
         self.figures = StorageFigures()
         self.journal = Journal(self.dir, read_only=read_only)
         self._legacy: list[Path] = []
@@ -317,12 +317,15 @@ class StateStore:
                 self._cond.wait_for(lambda: self._gen > self._durable_gen or self._stopping)
                 if self._stopping and self._gen == self._durable_gen:
                     return
-            # Let a burst of changes pile up so one fsync covers them all. Waiting as long as the last commit
-            # took keeps the committer (whose JSON encoding holds the GIL) under half the CPU under load.
-            time.sleep(max(self._min_interval, self._last_commit_s))
             t0 = time.monotonic()
             c0 = time.thread_time()
             try:
+                # Let a burst of changes pile up so one fsync covers them all. Waiting as long as the last commit
+                # used the CPU keeps the committer (whose JSON encoding holds the GIL) under half the CPU under load;
+                # its wall time would also count fsyncs of spooled params, and make the next commit wait for them.
+                time.sleep(max(self._min_interval, self._last_commit_cpu_s))
+                t0 = time.monotonic()
+                c0 = time.thread_time()
                 self._commit_once()
             except OSError as e:
                 # Disk full or read-only: the changes stay pending and are retried, loudly, never lost.
@@ -341,16 +344,17 @@ class StateStore:
             except Exception:
                 # The committer must outlive any bug: without it nothing reaches disk and every waiter hangs.
                 log.exception("state commit failed; retrying in 1 s")
-                time.sleep(1.0)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, 1.0)
                 continue
             if failing is not None:
                 log.warning("state writes to %s work again", self.dir)
                 failing = None
                 self.figures.last_write_error = None
                 self._tell_error(None)
-            self._last_commit_s = time.monotonic() - t0
-            self.figures.commit_wall_s += self._last_commit_s
-            self.figures.commit_cpu_s += time.thread_time() - c0
+            self._last_commit_cpu_s = time.thread_time() - c0
+            self.figures.commit_wall_s += time.monotonic() - t0
+            self.figures.commit_cpu_s += self._last_commit_cpu_s
 
     def _tell_error(self, e: Optional[OSError]) -> None:
         for fn in self._error_listeners:

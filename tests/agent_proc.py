@@ -71,13 +71,15 @@ class AgentProc:
         self.log_path = self.workdir / "agent.log"
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
-    def start(self, wait_online: bool = True, timeout: float = 20.0) -> "AgentProc":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("CV_WORKER_CONFIG", None)
+    def start(self, wait_online: bool = True, timeout: float = 20.0, wrap: tuple[str, ...] = (),
+              env: Optional[dict[str, str]] = None) -> "AgentProc":
+        """``wrap``: a command the agent runs under (e.g. faketime, strace); ``env``: extra environment."""
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("CV_WORKER_CONFIG", None)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
-            stdout=log, stderr=log, cwd=REPO, env=env,
+            [*wrap, sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
+            stdout=log, stderr=log, cwd=REPO, env=full_env,
         )
         log.close()
         if wait_online:
