@@ -44,6 +44,7 @@ class AgentProc:
     """One `cv-worker run` process with its own config and state directory."""
 
     command = "run"  # the cv-worker subcommand this process runs
+    repo = REPO  # the checkout whose code runs (a benchmark may point it at another version)
 
     def __init__(self, workdir: Path, broker: Mosquitto, node_id: str, **overrides: Any):
         self.workdir = Path(workdir)
@@ -79,7 +80,7 @@ class AgentProc:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
-            stdout=log, stderr=log, cwd=REPO, env=full_env,
+            stdout=log, stderr=log, cwd=self.repo, env=full_env,
         )
         log.close()
         if wait_online:
@@ -129,7 +130,7 @@ class AgentProc:
 
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--config", str(self.config_path)],
-                              capture_output=True, text=True, cwd=REPO, timeout=timeout)
+                              capture_output=True, text=True, cwd=self.repo, timeout=timeout)
 
     def jobs(self) -> dict[str, dict[str, Any]]:
         """The jobs in the agent's state on disk (read as `cv-worker jobs` does, also while it runs)."""
