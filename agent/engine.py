@@ -282,7 +282,12 @@ class JobEngine:
         self.state.put_params(job_id, {})
         self.state.put_job(job)
         self.state.remove_tombstones([job_id])
-        self._queue_final(job, JobState.REJECTED, error, None)
+        try:
+            self._queue_final(job, JobState.REJECTED, error, None)
+        except DiskFull as e:
+            # The refusal itself must still be told: its status fits in the journal's reserve, its result log not.
+            self.node.disk.report(e)
+            log.warning("job %s: no room for the final result of its refusal (%s); status only", job_id, e)
         self._queue_status(self.state.get_job(job_id) or job)
         log.warning("job %s rejected: %s: %s", job_id, error.code, error.message, extra=job_log_extra(job))
 
