@@ -141,6 +141,40 @@ class AgentProc:
         return {j["job_id"]: j for j in StateStore(self.state_dir, read_only=True).all_jobs()}
 
 
+def subscribe_and_wait(client: mqtt.Client, filters: list[tuple[str, int]], timeout: float = 20.0) -> None:
+    """Subscribe and return once the broker has acknowledged it (SUBACK): what is published from then on reaches
+    ``client``. Fails on a refused subscription."""
+    if not filters:
+        return
+    acked: dict[int, list[Any]] = {}
+    cond = threading.Condition()
+
+    def on_subscribe(c: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any], properties: Any) -> None:
+        with cond:
+            acked[mid] = reason_codes
+            cond.notify_all()
+
+    client.on_subscribe = on_subscribe
+    _, mid = client.subscribe(filters)
+    with cond:
+        if not cond.wait_for(lambda: mid in acked, timeout):
+            raise AssertionError(f"the broker did not acknowledge the subscriptions to {filters} in {timeout} s")
+    client.on_subscribe = None
+    assert not any(rc.is_failure for rc in acked[mid]), (filters, acked[mid])
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "the condition") -> Any:
+    """Poll ``pred`` until it returns something true (and return that), or fail the test naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not true after {timeout} s")
+        time.sleep(0.02)
+
+
 def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:
     cfg = MqttConfig(host=broker.host, port=broker.port, **mqtt_overrides)
     return Controller(cfg, broker.host, broker.port).connect()
@@ -157,12 +191,10 @@ class Recorder:
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
-        deadline = time.monotonic() + 10
-        while not self.client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for f in filters:
-            self.client.subscribe(f, qos=1)
-        time.sleep(0.2)
+        wait_until(self.client.is_connected, 10, "the recorder's connection")
+        # Recording starts when the broker has taken the subscriptions, not after a guessed pause: anything
+        # published from then on is ours.
+        subscribe_and_wait(self.client, [(f, 1) for f in filters])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
