@@ -785,7 +785,8 @@ class StateStore:
             size = job.get("result_bytes")
             if isinstance(size, int) and self.truncate_results(job["job_id"], size):
                 report.problems.append(f"job {job['job_id']}: result lines written after its last commit cut off")
-            if job.get("result_seq") and not job.get("results_pruned"):
+            # Reading a log is only worth it for jobs that will go on writing it; finished ones can be large.
+            if job.get("result_seq") and not job.get("results_pruned") and job["state"] in ("QUEUED", "IN_PROGRESS"):
                 have = {m.get("seq") for m in self.read_results(job["job_id"])}
                 missing = [s for s in range(int(job["result_seq"])) if s not in have]
                 if missing:
