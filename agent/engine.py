@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cv_worker.jobs")
 
 ACTIVE = (JobState.QUEUED.value, JobState.IN_PROGRESS.value)
+# Seconds after a job ends before the outputs and result-log budgets are applied again (see _maybe_prune).
+ENFORCE_AFTER_END_S = 5.0
 
 
 class _Shutdown(Exception):
@@ -609,6 +611,7 @@ class JobEngine:
             if self.state.params_size(job_id) > self.cfg.finished_params_max_bytes:
                 self.state.replace_params(job_id, summarize(self.state.get_params(job_id),
                                                             self.cfg.finished_params_max_bytes))
+        self._ended_since_enforce = True
         self.node.job_finished(job)
         level = logging.INFO if state == JobState.SUCCEEDED else logging.WARNING
         log.log(level, "job %s (%s) %s%s", job_id, job["type"], state.value,
@@ -618,12 +621,26 @@ class JobEngine:
     # -- housekeeping -------------------------------------------------------------------------------------
 
     _last_prune = 0.0
+    _last_enforce = 0.0
+    _ended_since_enforce = False
 
     def _maybe_prune(self) -> None:
         # Every minute, or sooner under load: each state write costs time proportional to the jobs kept.
         overfull = self.state.job_count() > self.cfg.retention_count * 1.2 + 50
         if overfull or time.monotonic() - self._last_prune > 60:
             self.prune()
+        elif self._ended_since_enforce and time.monotonic() - self._last_enforce > ENFORCE_AFTER_END_S:
+            # A few large batches can write gigabytes of outputs within the minute: the byte budgets follow soon
+            # after jobs end, not only at the next prune.
+            self._enforce_retention()
+
+    def _enforce_retention(self) -> None:
+        self._last_enforce = time.monotonic()
+        self._ended_since_enforce = False
+        try:
+            self.node.retention.enforce()
+        except OSError as e:
+            log.error("retention of outputs and result logs failed: %s", e)
 
     def prune(self) -> int:
         """Drop finished jobs beyond the retention count or older than the retention age. Each leaves a tombstone
@@ -633,7 +650,9 @@ class JobEngine:
                           key=lambda item: item[1], reverse=True)
         t_now = now()
         cutoff = t_now - self.cfg.retention_days * 86400
-        drop = [jid for i, (jid, t) in enumerate(finished) if i >= self.cfg.retention_count or t < cutoff]
+        reasons = {jid: "count" if i >= self.cfg.retention_count else "age"
+                   for i, (jid, t) in enumerate(finished) if i >= self.cfg.retention_count or t < cutoff}
+        drop = list(reasons)
         if drop:
             with self.state.transaction():
                 for job_id in drop:
@@ -645,16 +664,12 @@ class JobEngine:
                         "finished": job.get("finished") or job.get("updated"), "pruned": t_now,
                         "error": (job.get("error") or {}).get("code")})
                     self.node.outbox.add(self.node.topics.job_status(job_id), None, retain=True, kind="clear")
-                self.state.remove_jobs(drop)
-            for job_id in drop:
-                self.node.retention.remove_outputs(job_id, "job pruned")
+                results = self.state.remove_jobs(drop)
+            self.node.retention.jobs_pruned(drop, reasons, results)
             log.info("pruned %d finished jobs (tombstones keep their ids for %g days)", len(drop),
                      self.cfg.tombstone_days)
         self._prune_tombstones(t_now)
-        try:
-            self.node.retention.enforce()
-        except OSError as e:
-            log.error("retention of outputs and result logs failed: %s", e)
+        self._enforce_retention()
         return len(drop)
 
     def _prune_tombstones(self, t_now: float) -> None:
@@ -666,13 +681,17 @@ class JobEngine:
         budget = self.cfg.tombstone_max_kb * 1024
         total = sum(tombstone_bytes(job_id, doc) for job_id, doc in tombs)
         drop = []
+        reasons: dict[str, int] = {}
         for job_id, doc in tombs:
             if (doc.get("pruned") or 0) < cutoff or total > budget:
                 drop.append(job_id)
+                reason = "age" if (doc.get("pruned") or 0) < cutoff else "bytes"
+                reasons[reason] = reasons.get(reason, 0) + 1
                 total -= tombstone_bytes(job_id, doc)
         if drop:
             with self.state.transaction():
                 self.state.remove_tombstones(drop)
+            self.node.retention.tombstones_forgotten(reasons)
             log.info("forgot %d tombstones of pruned jobs (jobs.tombstone_days / tombstone_max_kb)", len(drop))
 
     # -- views --------------------------------------------------------------------------------------------

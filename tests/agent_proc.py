@@ -138,6 +138,19 @@ class AgentProc:
         return {j["job_id"]: j for j in StateStore(self.state_dir, read_only=True).all_jobs()}
 
 
+def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition",
+               detail: Callable[[], Any] = lambda: "") -> Any:
+    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met after {timeout} s {detail()}")
+        time.sleep(0.05)
+
+
 def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:
     cfg = MqttConfig(host=broker.host, port=broker.port, **mqtt_overrides)
     return Controller(cfg, broker.host, broker.port).connect()
