@@ -94,6 +94,18 @@ def _tree_size(path: Path) -> tuple[int, int]:
     return total, files
 
 
+def _over_budget(holdings: list[Holding], budget: int) -> list[Holding]:
+    """The first of ``holdings`` (oldest first) that must go for the rest to fit in ``budget`` bytes."""
+    total = sum(h.bytes for h in holdings)
+    out = []
+    for h in holdings:
+        if total <= budget:
+            break
+        out.append(h)
+        total -= h.bytes
+    return out
+
+
 class Retention:
     def __init__(self, state: StateStore, outputs_dir: Path, limits: RetentionLimits):
         self.state = state
@@ -216,19 +228,11 @@ class Retention:
                     freed += self._remove_outputs(h.job_id, "age")
                 else:
                     keep.append(h)
-            total = sum(h.bytes for h in keep)
-            for h in keep:
-                if total <= self.limits.outputs_max_bytes:
-                    break
+            for h in _over_budget(keep, self.limits.outputs_max_bytes):
                 freed += self._remove_outputs(h.job_id, "bytes")
-                total -= h.bytes
             results = sorted(self.results(jobs), key=lambda h: h.finished)
-            total = sum(h.bytes for h in results)
-            for h in results:
-                if total <= self.limits.results_max_bytes:
-                    break
+            for h in _over_budget(results, self.limits.results_max_bytes):
                 freed += self._remove_results(h.job_id, "bytes")
-                total -= h.bytes
         if freed:
             log.info("retention freed %.1f MB of outputs and result logs (storage.outputs_days / outputs_max_mb / "
                      "results_max_mb)", freed / MB)
