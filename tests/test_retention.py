@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -207,3 +208,34 @@ def test_node_stats_show_what_the_node_keeps_and_what_retention_removed(tmp_path
         assert storage["outputs_jobs"] == 0 and storage["outputs_bytes"] == 0
         gone = ctl.wait(ctl.submit("job.result", {"job_id": b}, node=node), timeout=20)
         assert gone.state == "FAILED" and gone.last["error"]["code"] == "not_found"
+
+
+def test_jobs_and_tombstones_go_by_age_with_the_outputs_of_the_jobs(tmp_path, mosquitto, picture_dir):
+    """jobs.retention_days and tombstone_days, made seconds long: pruning at the next start takes the job with its
+    result log and outputs (reason `age`), and the start after that forgets its tombstone (`age`)."""
+    node = "ager"
+    days = 2.0 / DAY  # two seconds
+    agent = infer_agent(tmp_path / node, mosquitto, picture_dir, node, storage={"reserve_mb": 1, "free_low_mb": 1,
+                        "free_resume_mb": 2}, jobs={"retention_days": days, "tombstone_days": days}).start()
+    with controller(mosquitto) as ctl:
+        jid = ctl.submit("infer", {"model": "blazeface", "annotate": True,
+                                   "images": [{"id": "a", "path": "astronaut.jpg"}]}, node=node)
+        assert ctl.wait(jid, timeout=60).state == "SUCCEEDED"
+    finished = agent.jobs()[jid]["finished"]
+    assert (agent.state_dir / "outputs" / jid).is_dir()
+    agent.stop()
+    wait_until(lambda: time.time() - finished > 2 * days * DAY, what="the job older than retention_days")
+    with controller(mosquitto) as ctl, stopping(agent.start()):
+        removed = storage_of(ctl, node)["removed"]
+        assert removed["jobs"] == {"age": 1} and removed["outputs"] == {"job pruned": 1}
+        assert removed["results"] == {"job pruned": 1}
+        assert not (agent.state_dir / "outputs" / jid).exists() and jid not in agent.jobs()
+        pruned = ctl.wait(ctl.submit("job.result", {"job_id": jid}, node=node), timeout=20)
+        assert pruned.state == "FAILED" and pruned.last["error"]["code"] == "not_found"
+        tombstoned = time.time()
+    wait_until(lambda: time.time() - tombstoned > 2 * days * DAY, what="the tombstone older than tombstone_days")
+    with controller(mosquitto) as ctl, stopping(agent.start()):
+        storage = storage_of(ctl, node)
+        # The first job's tombstone is forgotten; the two jobs of the run before are pruned by age in their turn.
+        assert storage["removed"]["tombstones"] == {"age": 1} and storage["removed"]["jobs"] == {"age": 2}
+        assert storage["tombstones"] == 2
