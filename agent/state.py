@@ -126,7 +126,9 @@ class StorageFigures:
     snapshot_bytes: int = 0
     journal_bytes: int = 0
     spool_bytes: int = 0
+    spool_files: int = 0
     jobs: int = 0
+    jobs_bytes: int = 0  # documents and params of the jobs kept, as in a snapshot
     tombstones: int = 0
     tombstone_bytes: int = 0
     commits: int = 0
@@ -526,8 +528,10 @@ class StateStore:
         with self._lock:
             return len(self.jobs_table.raw())
 
-    def remove_jobs(self, job_ids: list[str]) -> None:
-        """Forget jobs: their documents, params, spooled params and result logs."""
+    def remove_jobs(self, job_ids: list[str]) -> tuple[int, int]:
+        """Forget jobs: their documents, params, spooled params and result logs. Returns how many result logs were
+        deleted and their bytes."""
+        logs = freed = 0
         with self._lock:
             raw = self.jobs_table.raw()
             present = [j for j in job_ids if j in raw]
@@ -536,10 +540,11 @@ class StateStore:
             self.jobs_table.remove(doc_ids=present)  # type: ignore[arg-type]
             self.params_table.remove(doc_ids=[j for j in job_ids if j in self.params_table.raw()])  # type: ignore[arg-type]
             for job_id in job_ids:
-                for path in (self.result_path(job_id), self._spool_path(job_id)):
-                    self._unsynced.discard(path)
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                self._drop_spool(job_id)
+                size = self.remove_results(job_id)
+                logs += size > 0
+                freed += size
+        return logs, freed
 
     # -- params -------------------------------------------------------------------------------------------
 
@@ -818,6 +823,8 @@ class StateStore:
             self.figures.jobs = len(self.jobs_table.raw())
             self.figures.tombstones = len(self.tombstones_table.raw())
             self.figures.tombstone_bytes = self._storage.encoded_bytes(TOMBSTONES)
-            self.figures.spool_bytes = sum(int(d.get("bytes", 0)) for d in self.params_table.raw().values()
-                                           if "spool" in d)
+            self.figures.jobs_bytes = self._storage.encoded_bytes(JOBS) + self._storage.encoded_bytes(PARAMS)
+            spooled = [int(d.get("bytes", 0)) for d in self.params_table.raw().values() if "spool" in d]
+            self.figures.spool_bytes = sum(spooled)
+            self.figures.spool_files = len(spooled)
         return StorageFigures(**vars(self.figures))

@@ -163,16 +163,17 @@ def subscribe_and_wait(client: mqtt.Client, filters: list[tuple[str, int]], time
     assert not any(rc.is_failure for rc in acked[mid]), (filters, acked[mid])
 
 
-def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "the condition") -> Any:
-    """Poll ``pred`` until it returns something true (and return that), or fail the test naming ``what``."""
+def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition",
+               detail: Callable[[], Any] = lambda: "") -> Any:
+    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
-        value = pred()
-        if value:
-            return value
+        got = pred()
+        if got:
+            return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still not true after {timeout} s")
-        time.sleep(0.02)
+            raise AssertionError(f"{what} not met after {timeout} s {detail()}")
+        time.sleep(0.05)
 
 
 def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:
