@@ -12,7 +12,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.state import StateStore
-from tests.agent_proc import Recorder, controller
+from tests.agent_proc import Recorder, controller, wait_until
 
 DAY = 86400
 
@@ -160,12 +160,12 @@ def test_pruned_jobs_retained_statuses_are_cleared(agents, mosquitto):
     agent.stop()
     agent.start()  # prunes at start
     agent.wait_log("pruned 3 finished jobs")
-    want = {f"cvw/v1/nodes/node-p/jobs/{j}/status" for j in ids[-2:]}
-    deadline = time.monotonic() + 10
-    while set(_retained(mosquitto, "cvw/v1/nodes/node-p/jobs/+/status")) != want:
-        assert time.monotonic() < deadline, "retained statuses of pruned jobs are still on the broker"
-    tombstoned = [j for j in ids[:3]]
+    kept = set(wait_until(lambda: len(agent.jobs()) == 2 and agent.jobs(), what="two jobs kept"))
+    want = {f"cvw/v1/nodes/node-p/jobs/{j}/status" for j in kept}
+    wait_until(lambda: set(_retained(mosquitto, "cvw/v1/nodes/node-p/jobs/+/status")) == want,
+               what="retained statuses of the pruned jobs cleared from the broker",
+               detail=lambda: (sorted(_retained(mosquitto, "cvw/v1/nodes/node-p/jobs/+/status")), sorted(want)))
     with controller(mosquitto) as ctl:
-        for j in tombstoned:
+        for j in set(ids) - kept:
             out = ctl.wait(ctl.submit("node.info", node="node-p", job_id=j), timeout=20)
             assert out.state == "SUCCEEDED" and out.last["version"] == 3 and out.last["details"]["pruned"]
