@@ -4,8 +4,11 @@ its `node.stats`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agent.client import Controller
 from agent.devbroker import Mosquitto
@@ -29,12 +32,29 @@ def images(n: int, prefix: str = "i") -> list[dict[str, str]]:
     return [{"id": f"{prefix}{k}", "path": f"{PICTURES[k % len(PICTURES)]}.jpg"} for k in range(n)]
 
 
+_MADE: list[AgentProc] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_infer_agents() -> Iterator[None]:
+    """Every agent ``infer_agent`` made in a test is stopped at its end, passed or failed, before its tmpfs goes."""
+    yield
+    while _MADE:
+        a = _MADE.pop()
+        try:
+            a.stop()
+        except AssertionError as e:
+            print(e)
+
+
 def infer_agent(workdir: Path, broker: Mosquitto, picture_dir: Path, node_id: str, model: bool = True,
                 **overrides: Any) -> AgentProc:
     """An agent (not started) that reads ``picture_dir``, with BlazeFace installed in its state directory
-    (``workdir/state``, which the caller may have mounted)."""
+    (``workdir/state``, which the caller may have mounted). Test modules that use it import
+    ``stop_infer_agents`` so that it is stopped at the end of the test."""
     a = AgentProc(workdir, broker, node_id, inference={"input_dirs": [str(picture_dir)], "chunk_size": 8,
                                                        "progress_interval_s": 0.1}, **overrides)
+    _MADE.append(a)
     if model:
         r = a.cli("models", "install", "blazeface", timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr

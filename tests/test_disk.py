@@ -26,7 +26,7 @@ from agent.storage import atomic_write_bytes
 from tests.agent_proc import Recorder, controller, wait_until, write_config
 from tests.http.conftest import free_port
 from tests.infer.conftest import items_of
-from tests.storage_helpers import images, infer_agent, storage_of
+from tests.storage_helpers import images, infer_agent, stop_infer_agents, storage_of  # noqa: F401 (autouse)
 
 # -- a small disk ---------------------------------------------------------------------------------------------
 
@@ -171,6 +171,7 @@ def test_under_the_low_water_mark_the_oldest_outputs_go_first(tmp_path, mosquitt
             assert {p.stem for p in (state / "results").glob("*.jsonl")} >= set(done)  # outputs go before results
             assert storage["removed"]["outputs"] == {"disk pressure": 1}
             assert storage["outputs_jobs"] == 1 and not storage["removed"]["results"]
+        agent.stop()
 
 
 def test_an_agent_started_on_a_full_disk_connects_and_answers(tmp_path, mosquitto, picture_dir):

@@ -15,7 +15,7 @@ from agent.diskguard import MB
 from agent.retention import Retention, RetentionLimits
 from agent.state import StateStore
 from tests.agent_proc import AgentProc, controller, wait_until
-from tests.storage_helpers import infer_agent, storage_of
+from tests.storage_helpers import infer_agent, stop_infer_agents, storage_of  # noqa: F401 (autouse)
 
 DAY = 86400.0
 KB = 1024
