@@ -22,6 +22,16 @@ from agent.devbroker import Mosquitto
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _die_with_parent() -> None:
+    """In the agent's process before it runs: SIGKILL it when the test process goes, so an interrupted or crashed
+    test run never leaves agents behind (they would hold brokers' ports and tmpfs mounts). Linux ties this to the
+    thread that started the process: start agents from the test's own thread, not from a short-lived one."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def toml_value(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
 
@@ -80,7 +90,7 @@ class AgentProc:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
-            stdout=log, stderr=log, cwd=self.repo, env=full_env,
+            stdout=log, stderr=log, cwd=self.repo, env=full_env, preexec_fn=_die_with_parent,
         )
         log.close()
         if wait_online:
