@@ -88,9 +88,12 @@ class _InPlaceTable(Table):
     """
 
     def _update_table(self, updater: Callable[[dict[int, Mapping[str, Any]]], None]) -> None:
-        tables = self._storage.read() or {}
-        raw = tables.setdefault(self.name, {})
         storage: JournaledStorage = self._storage  # type: ignore[assignment]
+        # The storage's own dict, also when it is empty: `read() or {}` handed an empty state a throwaway dict, and
+        # every write after a start from an empty journal vanished (acknowledged requests never ran).
+        tables = storage.read()
+        assert tables is not None
+        raw = tables.setdefault(self.name, {})
 
         def touch(doc_id: str) -> None:
             storage.touch(self.name, doc_id)

@@ -312,6 +312,31 @@ def test_corrupt_snapshot_is_moved_aside(tmp_path):
     store.close()
 
 
+def _keeps_what_is_written(state_dir: Path) -> None:
+    store = StateStore(state_dir)
+    with store.transaction():
+        store.put_job({"job_id": "a", "state": "QUEUED", "version": 1})
+    assert store.wait_durable(timeout=10)
+    assert store.get_job("a") is not None, "the write went nowhere"
+    store.close()
+    reopened = StateStore(state_dir)
+    assert [j["job_id"] for j in reopened.all_jobs()] == ["a"]
+    reopened.close()
+
+
+@pytest.mark.parametrize("start", ["first segment created, its first record never written", "corrupt snapshot"])
+def test_a_state_that_loads_empty_keeps_what_is_written_next(tmp_path, start):
+    """A journal whose first record was never written (a kill between creating the segment and writing it, found
+    by the chaos suite) and a snapshot moved aside both load as an empty state; writes to it must reach the disk.
+    They once went to a throwaway dict: the node acknowledged every request and never ran one."""
+    if start.startswith("first segment"):
+        (tmp_path / "journal").mkdir()
+        (tmp_path / "journal" / "00000000000000000001.log").write_bytes(b"")
+    else:
+        (tmp_path / SNAPSHOT).write_text('{"format": 2, "seq": 1, "tables": {"jobs": {"a": ')
+    _keeps_what_is_written(tmp_path)
+
+
 def test_large_params_are_spooled_and_finished_jobs_keep_a_summary(tmp_path):
     store = StateStore(tmp_path, spool_min_bytes=10_000)
     big = {"model": "m", "images": [{"id": str(k), "data": "A" * 1000} for k in range(50)]}
