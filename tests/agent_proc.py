@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,17 +10,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.client import Controller
 from agent.config import MqttConfig
 from agent.devbroker import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
+CONNECTED = "connected to MQTT broker"  # what the agent logs on every CONNACK
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 def toml_value(v: Any) -> str:
@@ -70,18 +82,23 @@ class AgentProc:
         self.config_path = write_config(self.workdir / "config.toml", cfg)
         self.log_path = self.workdir / "agent.log"
         self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.wrapped = False  # self.proc is the wrapper (strace), the agent its child
 
-    def start(self, wait_online: bool = True, timeout: float = 20.0) -> "AgentProc":
+    def start(self, wait_online: bool = True, timeout: float = 20.0, wrapper: Sequence[str] = ()) -> "AgentProc":
+        """Start the process (under ``wrapper``, e.g. an strace command line, when given). ``wait_online``: until
+        this run connects to the broker (the log is appended to, so earlier runs' lines do not count)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("CV_WORKER_CONFIG", None)
+        connected_before = self.log().count(CONNECTED)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
+            [*wrapper, sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
             stdout=log, stderr=log, cwd=REPO, env=env,
         )
         log.close()
+        self.wrapped = bool(wrapper)
         if wait_online:
-            self.wait_log("connected to MQTT broker", timeout)
+            self.wait_log(CONNECTED, timeout, count=connected_before + 1)
         return self
 
     def wait_log(self, text: str, timeout: float = 20.0, count: int = 1) -> None:
@@ -121,7 +138,13 @@ class AgentProc:
     def kill(self) -> None:
         """SIGKILL: a power cut as far as the agent can tell."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            if self.wrapped:
+                # Killing the tracer would only detach the agent; killed, the agent takes the tracer with it.
+                for pid in child_pids(self.proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
             self.proc.wait(5)
         self.proc = None
 
@@ -144,22 +167,48 @@ def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:
 
 
 class Recorder:
-    """Subscribes to topic filters and records every message (topic, payload dict or bytes, properties, retain)."""
+    """Subscribes to topic filters and records every message (topic, payload dict or bytes, properties, retain).
 
-    def __init__(self, broker: Mosquitto, *filters: str, **client_kw: Any):
+    ``session_expiry_s`` > 0 gives it a persistent session (pass a fixed ``client_id``): it reconnects by itself
+    after a broker restart and the broker keeps what was published for it meanwhile, as a controller that must not
+    miss a status would do."""
+
+    def __init__(self, broker: Mosquitto, *filters: str, session_expiry_s: int = 0, **client_kw: Any):
         self.messages: list[tuple[str, Any, Any, bool]] = []
         self._cond = threading.Condition()
+        self.filters = filters
+        self._ready = False  # subscribed, or the session we resumed already was
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
                                   **client_kw)
         self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        if session_expiry_s:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry_s
+            self.client.reconnect_delay_set(0.05, 0.5)
+            self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
+        else:
+            self.client.connect(broker.host, broker.port)
         self.client.loop_start()
-        deadline = time.monotonic() + 10
-        while not self.client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for f in filters:
-            self.client.subscribe(f, qos=1)
-        time.sleep(0.2)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._ready, 10):
+                raise AssertionError(f"recorder not subscribed to {filters} within 10 s")
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        # A resumed session still holds the subscriptions (and what arrived for them while we were away).
+        if self.filters and not flags.session_present:
+            client.subscribe([(f, 1) for f in self.filters])
+        else:
+            self._set_ready()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        self._set_ready()
+
+    def _set_ready(self) -> None:
+        with self._cond:
+            self._ready = True
+            self._cond.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
