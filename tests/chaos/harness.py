@@ -406,23 +406,32 @@ def wait_killed_by_strace(agent: AgentProc, timeout: float) -> bool:
     return True
 
 
-def descendants(pid: int) -> list[int]:
+Proc = tuple[int, int]  # (pid, start time in clock ticks): a pid alone may be reused once the process is gone
+
+
+def _stat(pid: int) -> Optional[list[str]]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def descendants(pid: int) -> list[Proc]:
     """Every process below ``pid`` (decode workers, the inference process, multiprocessing's forkserver)."""
-    out: list[int] = []
+    out: list[Proc] = []
     todo = [pid]
     while todo:
         for child in child_pids(todo.pop()):
-            out.append(child)
+            stat = _stat(child)
+            if stat is not None:
+                out.append((child, int(stat[19])))
             todo.append(child)
     return out
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+def alive(proc: Proc) -> bool:
+    stat = _stat(proc[0])
+    return stat is not None and int(stat[19]) == proc[1] and stat[0] != "Z"
 
 
 def kill_broker_between_loops(broker: Mosquitto, k: int = 1) -> None:

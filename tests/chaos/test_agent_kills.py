@@ -8,6 +8,7 @@ import time
 from tests.chaos.harness import (
     JobController,
     JobRecorder,
+    Proc,
     alive,
     assert_invariants,
     assert_retained_terminal,
@@ -29,7 +30,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(tmp_path, q
     rec = JobRecorder(quiet_broker, agent.node_id)
     ctl = JobController(quiet_broker, agent.node_id, "chaos-ctl-kill")
     batches = []
-    left_behind: list[int] = []  # processes of killed agents (decode workers, inference process)
+    left_behind: list[Proc] = []  # processes of killed agents (decode workers, inference process)
     try:
         agent.start()
         t0 = time.monotonic()
