@@ -120,15 +120,17 @@ class JobController:
             elif not getattr(reason_code, "is_failure", False):
                 job.acked = True
 
-    def submit(self, job: Job) -> bool:
-        """Publish the job's request; False when there is no connection (not sent, not recorded)."""
+    def submit(self, job: Job, ledger: bool = True) -> bool:
+        """Publish the job's request; False when there is no connection (not sent, not recorded). ``ledger``
+        False: a probe, not among the jobs the invariants cover."""
         if not self.client.is_connected():
             return False
         body = json.dumps({"type": job.type, "params": job.params, "priority": job.priority}).encode()
         job.sent_at = time.monotonic()
         info = self.client.publish(f"{PREFIX}/nodes/{self.node_id}/jobs/{job.job_id}/request", body, qos=1)
         with self._lock:
-            self.jobs[job.job_id] = job
+            if ledger:
+                self.jobs[job.job_id] = job
             if info.mid in self._early:
                 self._early.discard(info.mid)
                 job.acked = True
@@ -168,11 +170,18 @@ class JobController:
         self._stream.start()
 
     def stop_stream(self) -> int:
-        """Stop sending; how many jobs were sent in all."""
+        """Stop sending and wait for the broker's answer to what is in flight (a PUBACK arriving after the checks
+        began would make a job acknowledged whose statuses are still on their way); how many jobs were sent."""
         self._stop.set()
         if self._stream is not None:
             self._stream.join(10)
             self._stream = None
+
+        def settled() -> bool:
+            with self._lock:
+                return not self._by_mid
+
+        wait_until(settled, 30, "the broker acknowledged every request in flight")
         return len(self.jobs)
 
     def close(self) -> None:
@@ -250,6 +259,24 @@ class JobRecorder(Recorder):
                     raise AssertionError(f"{len(missing)} of {len(ids)} jobs have no terminal status on the broker "
                                          f"after {timeout} s{why}: {states}")
                 self._cond.wait(0.2)
+
+
+def wait_subscribed(ctl: JobController, rec: JobRecorder, timeout: float = 30) -> None:
+    """Until a request reaches the node. The agent says it is connected at the CONNACK, before the broker has its
+    subscription: on the first connection of a new node a request published in between finds no subscriber (and
+    no session to wait in) and is dropped, acknowledged. Probes are not among the jobs the invariants cover."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while True:
+        probe = Job(f"probe-{n}", "node.info", {}, DONE)
+        ctl.submit(probe, ledger=False)
+        try:
+            rec.wait_terminal([probe.job_id], timeout=1.0)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no request reached node {ctl.node_id} within {timeout} s") from None
+        n += 1
 
 
 def check_job(job: Job, seen: Optional[Seen], must_finish: bool) -> list[str]:

@@ -19,6 +19,7 @@ from tests.chaos.harness import (
     JobRecorder,
     assert_invariants,
     infer_job,
+    wait_subscribed,
     wait_until,
 )
 
@@ -82,6 +83,7 @@ def test_disk_full_while_a_batch_runs_then_freed(tmp_path, small_disk, quiet_bro
     ballast = small_disk / "ballast"
     try:
         agent.start()
+        wait_subscribed(ctl, rec)
         rng = random.Random(seed)
         batch = infer_job("batch-disk", pictures[1], BATCH_IMAGES)
         assert ctl.submit(batch)

@@ -21,6 +21,7 @@ from tests.chaos.harness import (
     strace_command,
     wait_killed_by_strace,
     wait_outbox_empty,
+    wait_subscribed,
 )
 
 # (syscall, K): SIGKILL at the K-th call in one thread. `write` counts only appends to the journal segment (the
@@ -49,6 +50,7 @@ def test_a_kill_at_every_step_of_a_commit_loses_nothing(tmp_path, quiet_broker, 
     try:
         # The node's first connection creates its broker session: requests sent before it exists reach nobody.
         agent.start()
+        wait_subscribed(ctl, rec)
         agent.stop()
         stream_rng = random.Random(rng.random())
         batch = infer_job("batch-strace", pictures[1], BATCH_IMAGES)
