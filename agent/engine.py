@@ -275,14 +275,35 @@ class JobEngine:
     def reject(self, job_id: str, job_type: str, error: ErrorInfo,
                response: Optional[tuple[str, Optional[str]]]) -> None:
         """Record and announce a request that cannot be accepted (inside the caller's transaction): its REJECTED
-        status, after its final result (the completion rule holds for every terminal state)."""
+        status, after its final result (the completion rule holds for every terminal state).
+
+        Its final result is a line in the job's result log: on a full disk (a request refused *because* the disk
+        is full, typically) the node gives up its reserve, which is there for this, and writes it again. Raises
+        DiskFull, with nothing of the rejection recorded, only when even that fails."""
+        try:
+            self._reject_once(job_id, job_type, error, response)
+        except DiskFull as e:
+            self.node.disk.report(e)
+            self._reject_once(job_id, job_type, error, response)
+
+    def _reject_once(self, job_id: str, job_type: str, error: ErrorInfo,
+                     response: Optional[tuple[str, Optional[str]]]) -> None:
+        prior = self.state.get_job(job_id)  # only ever an earlier REJECTED attempt with this id
         job = self._new_job(job_id, job_type, JobState.REJECTED, error=error.model_dump(), finished=now(),
                             response_topic=response[0] if response else None,
                             correlation=response[1] if response else None)
         self.state.put_params(job_id, {})
         self.state.put_job(job)
+        try:
+            self._queue_final(job, JobState.REJECTED, error, None)
+        except DiskFull:
+            # Undo, so that a retry numbers its status as if this attempt had never been.
+            if prior is not None:
+                self.state.put_job(prior)
+            else:
+                self.state.remove_jobs([job_id])
+            raise
         self.state.remove_tombstones([job_id])
-        self._queue_final(job, JobState.REJECTED, error, None)
         self._queue_status(self.state.get_job(job_id) or job)
         log.warning("job %s rejected: %s: %s", job_id, error.code, error.message, extra=job_log_extra(job))
 

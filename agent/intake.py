@@ -124,6 +124,11 @@ class Intake:
             for msg, _ in batch:
                 try:
                     job = self._handle(msg)
+                except DiskFull as e:
+                    # Not even its REJECTED status fits, reserve released and all: say so on N/errors.
+                    self._node_error(msg.topic, ErrorCode.disk_full, _disk_full_message(
+                        self.node, f"the request could not be recorded ({e.strerror})"))
+                    job = None
                 except Exception as e:  # a bug must still give the sender an answer
                     log.exception("error on request %s", msg.topic)
                     self._node_error(msg.topic, ErrorCode.internal_error, f"{type(e).__name__}: {e}")

@@ -47,21 +47,29 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def fill(path: Path) -> None:
-    """Take every free byte of the filesystem of ``path`` (one allocation, so the node's released reserve is not
-    eaten by a writer that goes on after the node's first ENOSPC)."""
+def fill(path: Path, reserve: Path) -> None:
+    """Take every free byte of the filesystem of ``path``: one allocation for the bulk, then block by block and
+    byte by byte, so that the next write that needs a new page gets ENOSPC. Stops if the node gives up its reserve
+    meanwhile: the disk is full then, and the test is about the node using its reserve, not a writer eating it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         st = os.statvfs(path)
-        size = st.f_bavail * st.f_frsize
-        while size > 0:
+        bulk = st.f_bavail * st.f_frsize - MB
+        if bulk > 0:
             try:
-                os.posix_fallocate(fd, 0, size)
-                break
+                os.posix_fallocate(fd, 0, bulk)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
-                    raise
-                size -= 4096  # the node wrote something meanwhile
+                    raise  # else the node wrote meanwhile: the blocks below take what is left
+        os.lseek(fd, 0, os.SEEK_END)
+        for block in (64 * 1024, 4096, 1):
+            while reserve.exists():
+                try:
+                    os.write(fd, b"\0" * block)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    break
     finally:
         os.close(fd)
 
@@ -89,7 +97,7 @@ def test_disk_full_while_a_batch_runs_then_freed(tmp_path, small_disk, quiet_bro
         assert ctl.submit(batch)
         rec.wait_results(batch.job_id, 2 + rng.randrange(8), timeout=60)
 
-        fill(ballast)
+        fill(ballast, small_disk / "reserve")
         births.wait_for(lambda m: any(isinstance(p, dict) and p.get("disk") in ("low", "full") for _, p, _, _ in m))
         errors.wait_for(lambda m: any(isinstance(p, dict) and p["error"]["code"] == "disk_full" for _, p, _, _ in m))
         wait_until(lambda: (rec.latest(batch.job_id) or {}).get("details", {}).get("paused") == "disk_full", 30,
@@ -119,7 +127,7 @@ def test_disk_full_while_a_batch_runs_then_freed(tmp_path, small_disk, quiet_bro
 
         # A node that starts on a disk that is already full still comes online and answers.
         agent.stop()
-        fill(ballast)
+        fill(ballast, small_disk / "reserve")
         assert free_mb(small_disk) < 0.1
         n_births = len(births.messages)
         agent.start()
@@ -147,3 +155,33 @@ def _assert_whole_result_logs(state_dir: Path) -> None:
 def _assert_no_large_temp_files(state_dir: Path) -> None:
     temps = [(p, p.stat().st_size) for p in state_dir.rglob("*") if p.is_file() and ".tmp" in p.name]
     assert not [t for t in temps if t[1] > 64 * 1024], temps
+
+
+def test_a_request_refused_on_a_full_disk_still_gets_its_rejected_status(tmp_path, small_disk, quiet_broker, seed,
+                                                                          chaos_agent):
+    """The disk fills up while the node idles, its reserve intact: the first request it must refuse needs room for
+    its REJECTED status and final result. It used to fail on the final result's ENOSPC and answer only with an
+    internal_error on N/errors, the job id never getting a status; now the reserve is given up for it."""
+    agent = chaos_agent(tmp_path / "agent", quiet_broker, "idle-node", model=False, storage=LIMITS)
+    errors = Recorder(quiet_broker, f"cvw/v1/nodes/{agent.node_id}/errors")
+    rec = JobRecorder(quiet_broker, agent.node_id)
+    ctl = JobController(quiet_broker, agent.node_id, "chaos-ctl-idle")
+    reserve = small_disk / "reserve"
+    try:
+        agent.start()
+        wait_subscribed(ctl, rec)
+        wait_until(lambda: reserve.exists() and reserve.stat().st_size == LIMITS["reserve_mb"] * MB, 10,
+                   "the node keeps its reserve")
+        fill(small_disk / "ballast", reserve)
+        wait_until(lambda: "refusing new work" in agent.log(), 10, "the node sees the disk is low")
+        job = Job("refused-on-full", "debug.sleep", {"seconds": 0.1}, REFUSED)
+        assert ctl.submit(job)
+        rec.wait_terminal([job.job_id], timeout=15)
+        assert_invariants(ctl, rec, agent.state_dir, seed)
+        assert not reserve.exists(), "the reserve is what made room for the answer"
+        assert not [p for _, p, _, _ in errors.messages if p["error"]["code"] == "internal_error"]
+    finally:
+        for r in (errors, rec):
+            r.close()
+        ctl.close()
+        agent.kill()
