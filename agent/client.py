@@ -43,11 +43,15 @@ class JobOutcome:
 
     @property
     def done(self) -> bool:
+        """The job ended and its final result arrived (every job that ends sends one before its terminal status;
+        a job the node pruned long ago is answered with its final status alone)."""
         if self.last is None or JobState(self.last["state"]) not in TERMINAL_STATES:
             return False
-        if self.last["state"] == JobState.SUCCEEDED.value:
-            return any(r.get("final") for r in self.results)
-        return True
+        return any(r.get("final") for r in self.results) or bool((self.last.get("details") or {}).get("pruned"))
+
+    @property
+    def final(self) -> Optional[dict[str, Any]]:
+        return next((r for r in self.results if r.get("final")), None)
 
 
 class Controller:
@@ -66,8 +70,14 @@ class Controller:
         self._events: "queue.Queue[tuple[str, dict[str, Any]]]" = queue.Queue()
         self.host, self.port = host, port
         self.node_states: dict[str, dict[str, Any]] = {}
+        self._connected = False
 
     def connect(self, timeout: float = 10.0) -> "Controller":
+        if self._connected:
+            # Entering a connected controller (`with Controller(...).connect() as ctl`): paho's loop thread owns the
+            # connection now, and a second connect() would swap the socket under its feet (seen as a CONNACK that
+            # never comes).
+            return self
         try:
             self.client.connect(self.host, self.port, keepalive=30)
         except (OSError, ValueError) as e:
@@ -80,11 +90,30 @@ class Controller:
                 raise ControllerError(f"the broker at {self.host}:{self.port} did not accept the connection "
                                       "(check credentials and TLS settings)")
             time.sleep(0.02)
-        self.client.subscribe([(self.reply_topic, 1), (f"{self.prefix}/nodes/+/status", 1)])
-        time.sleep(0.05)
+        filters = [self.reply_topic, f"{self.prefix}/nodes/+/status"]
+        subacks: set[int] = set()
+        subacked = threading.Condition()
+
+        def on_subscribe(client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any], props: Any) -> None:
+            with subacked:
+                subacks.add(mid)
+                subacked.notify_all()
+
+        self.client.on_subscribe = on_subscribe
+        _, mid = self.client.subscribe([(f, 1) for f in filters])
+        # Wait for the SUBACK rather than a guessed pause: from then on the broker routes the retained node births
+        # (node_states) and every reply to this client.
+        with subacked:
+            got = subacked.wait_for(lambda: mid in subacks, max(0.0, deadline - time.monotonic()) + 5.0)
+        self.client.on_subscribe = None
+        if not got:
+            self.close()
+            raise ControllerError(f"the broker at {self.host}:{self.port} did not acknowledge the subscriptions")
+        self._connected = True
         return self
 
     def close(self) -> None:
+        self._connected = False
         self.client.disconnect()
         self.client.loop_stop()
 

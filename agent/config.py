@@ -90,8 +90,16 @@ class MqttConfig(_Section):
     receive_maximum: int = Field(
         100, ge=1, le=65535, description="Unacknowledged requests the broker may send at once."
     )
-    reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay; doubles on each failure.")
-    reconnect_max_s: float = Field(60.0, gt=0, description="Longest reconnect delay.")
+    reconnect_min_s: float = Field(
+        1.0, gt=0, description="Shortest reconnect delay. The n-th failed attempt in a row waits a random time "
+        "between this and this × 2ⁿ (at most `reconnect_max_s`); a successful connection starts again from here."
+    )
+    reconnect_max_s: float = Field(
+        15.0, gt=0, description="Longest reconnect delay: after a long broker outage the node is back at most this "
+        "long after the broker, and a fleet's reconnects are spread evenly over it (1000 nodes: about 70 "
+        "connections a second at 15 s). Longer (the old 60 s) leaves nodes idle for up to a minute with the broker "
+        "up; much shorter makes a large fleet hit a broker that has just started all at once."
+    )
 
     @field_validator("topic_prefix")
     @classmethod
@@ -174,18 +182,28 @@ class StorageConfig(_Section):
     )
     reserve_mb: float = Field(
         16, ge=0, description="A file (`<state_dir>/reserve`) kept while there is room and deleted the moment a "
-        "write fails for lack of space, so statuses and control jobs can still be written. 0: none."
+        "write fails for lack of space, so statuses and control jobs can still be written; taken again once the "
+        "disk is `ok` and it leaves `free_low_mb` free. 0: none (a node whose disk is full to the last byte then "
+        "answers nothing until space is freed; its birth still says `disk: full`)."
     )
-    check_interval_s: float = Field(5.0, gt=0, le=3600, description="How often free space is checked.")
+    check_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="How often free space is checked; at least every second while the node is "
+        "short of space, so that paused jobs go on soon after room is made. A write that fails for lack of space "
+        "acts at once, whatever the interval."
+    )
     results_max_mb: float = Field(
         1024, ge=0, description="Result logs of finished jobs kept at most; the oldest go first (their jobs stay, "
-        "marked `results_pruned`)."
+        "marked `results_pruned`, and `job.result` says so). Applied a few seconds after a job ends and at every "
+        "prune (each minute)."
     )
     outputs_max_mb: float = Field(
-        2048, ge=0, description="Outputs of finished jobs (annotated copies, masks, output files) kept at most; "
-        "the oldest go first."
+        2048, ge=0, description="Outputs of finished jobs (annotated copies, masks, output files under "
+        "`inference.outputs_dir`) kept at most; the oldest go first. Applied like `results_max_mb`."
     )
-    outputs_days: float = Field(7.0, gt=0, description="Outputs of finished jobs older than this are deleted.")
+    outputs_days: float = Field(
+        7.0, gt=0, description="Outputs of finished jobs older than this are deleted (their result logs stay with "
+        "the job, see `jobs.retention_days`)."
+    )
     spool_min_kb: int = Field(
         64, ge=1, description="Request params at least this large are kept in a file of their own "
         "(`<state_dir>/spool/`) until the job ends, not in the state journal and the agent's memory."

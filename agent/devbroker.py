@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -13,7 +14,32 @@ from pathlib import Path
 from typing import Optional
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
+    """A free loopback port outside the kernel's ephemeral range.
+
+    bind(0) would hand out a port from inside that range, which is where every outgoing connection on the machine
+    takes its source port: while a broker on such a port is down (before its first start, or killed to be started
+    again), another process's connection may take the port, or a client retrying against it may connect to itself
+    (TCP simultaneous open), and the broker then cannot listen on it."""
+    low, high = _ephemeral_ports()
+    candidates = range(10000, low) if low > 12000 else range(high + 1, 65536)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a port with connections in TIME_WAIT is skipped
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -25,6 +25,7 @@ log = logging.getLogger("cv_worker.disk")
 Level = Literal["ok", "low", "full"]
 RESERVE_FILE = "reserve"
 MB = 1024 * 1024
+PRESSURE_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,12 @@ class DiskGuard:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._kick.wait(self.limits.check_interval_s)
+            # Under pressure, look every second whatever the interval: paused jobs should go on soon after an
+            # operator (or retention) makes room, and statvfs is cheap.
+            interval = self.limits.check_interval_s
+            if self.refusing():
+                interval = min(interval, PRESSURE_CHECK_S)
+            self._kick.wait(interval)
             self._kick.clear()
             if self._stop.is_set():
                 return
@@ -117,8 +123,9 @@ class DiskGuard:
     # -- events -------------------------------------------------------------------------------------------
 
     def report(self, error: Optional[BaseException]) -> None:
-        """A write failed (``error``); when it was for lack of space, act at once instead of at the next check."""
-        if error is None or not is_disk_full(error):
+        """A write failed (``error``); when it was for lack of space here, act at once instead of at the next
+        check."""
+        if error is None or not is_disk_full(error) or self._has_room():
             return
         release = False
         with self._cond:
@@ -133,6 +140,16 @@ class DiskGuard:
                       self.limits.free_resume_bytes / MB)
             self._notify()
         self._kick.set()
+
+    def _has_room(self) -> bool:
+        """Whether this filesystem has room after all: then a write that failed for lack of space was on another
+        one (``inference.outputs_dir`` elsewhere), or space was freed since, and the reserve must stay."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        inodes = st.f_files == 0 or st.f_favail > 0  # some filesystems have no inode limit and say 0
+        return inodes and st.f_bavail * st.f_frsize >= max(self.limits.free_low_bytes, MB)
 
     def check(self) -> DiskReading:
         free = free_bytes(self.path)
@@ -161,7 +178,8 @@ class DiskGuard:
                 freed = self._free_space(want)
                 if freed:
                     log.warning("freed %.1f MB of old outputs and result logs under disk pressure", freed / MB)
-                    free = free_bytes(self.path) or free
+                    now_free = free_bytes(self.path)
+                    free = free if now_free is None else now_free
                     with self._cond:
                         if free >= lim.free_resume_bytes and self._level != "ok":
                             self._level, changed = "ok", True

@@ -80,7 +80,7 @@ TOPICS = [
     ("`N/jobs/{job_id}/result`", "node → controller", "1", "no", "JobResult: chunks, then exactly one with "
      "`final: true` for every job that ends."),
     ("`N/errors`", "node → controller", "1", "no", "NodeError: a request without a readable job id, or a condition "
-     "of the node (`disk_full`)."),
+     "of the node (`disk_full`: when it begins, and at each reconnect while it lasts)."),
     ("Response Topic of the request", "node → controller", "1", "no",
      "Every status and result of that job again, with the request's Correlation Data (MQTT 5 request/response)."),
     ("`{prefix}/trainers/jobs/{job_id}/request`", "node or controller → one build peer", "1", "no",
@@ -150,7 +150,9 @@ def protocol_markdown() -> str:
         "reachable, also after a restart or a power cut. After a crash, QUEUED jobs run, IN_PROGRESS jobs resume "
         "from their checkpoint when their type can, else end FAILED with `interrupted`. When the node's state disk "
         "runs short of space (`storage.free_low_mb`) it refuses new work with `disk_full` (control jobs still "
-        "run), pauses running jobs at their next checkpoint (`details.paused: disk_full`) and resumes by itself.",
+        "run), pauses running jobs at their next checkpoint or at an output file that does not fit "
+        "(`details.paused: disk_full`; nothing fails, nothing is reported twice), deletes the oldest outputs and "
+        "result logs of finished jobs, and resumes by itself (docs/storage.md).",
         "",
         "States: " + ", ".join(f"`{s.value}`" for s in JobState) + ".",
         "",

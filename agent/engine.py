@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cv_worker.jobs")
 
 ACTIVE = (JobState.QUEUED.value, JobState.IN_PROGRESS.value)
+# Seconds after a job ends before the outputs and result-log budgets are applied again (see _maybe_prune).
+ENFORCE_AFTER_END_S = 5.0
 
 
 class _Shutdown(Exception):
@@ -51,6 +53,7 @@ class _Run:
     deadline: Optional[float] = None  # monotonic
     abandoned: bool = False
     last_progress: float = 0.0
+    paused: bool = False  # waiting for disk space: the status shows `paused: disk_full`
 
 
 class RunContext:
@@ -96,7 +99,7 @@ class RunContext:
 
     def wait_durable(self, generation: int) -> None:
         """Block until the state generation returned by ``publish_result(..., wait=False)`` is on disk."""
-        self._engine.state.wait_durable(generation)
+        self._engine._wait_durable(self._run, generation)
 
     def wait_for_disk(self, error: Optional[BaseException] = None) -> None:
         """A write of the job's own (an output file) failed with ``error``, or the job wants to know the disk has
@@ -166,28 +169,53 @@ class JobEngine:
                     job = self.state.get_job(job_id)
                     if job is not None:
                         self._queue_status(job)
+        endings: list[tuple[str, ErrorInfo]] = []
         for job in sorted(self.state.all_jobs(), key=lambda j: j.get("created", 0)):
             if job["state"] == JobState.QUEUED.value:
                 self._enqueue(job)
             elif job["state"] == JobState.IN_PROGRESS.value:
                 handler_cls = registry.get(job["type"], self.realm)
                 if handler_cls is None:
-                    self._finish(job["job_id"], JobState.FAILED, ErrorInfo(
+                    endings.append((job["job_id"], ErrorInfo(
                         code=ErrorCode.unsupported.value,
-                        message=f"job type {job['type']!r} is no longer available on this node after its restart"))
+                        message=f"job type {job['type']!r} is no longer available on this node after its restart")))
                     continue
-                params = self._parse_params(handler_cls, job)
-                if params is not None and handler_cls().resumable(params):
+                params, invalid = self._parse_params(handler_cls, job)
+                if invalid is not None:
+                    endings.append((job["job_id"], invalid))
+                    continue
+                if handler_cls().resumable(params):
                     log.info("resuming job %s from its checkpoint", job["job_id"], extra=job_log_extra(job))
+                    # Not paused any more: a run that was waiting for disk space waits again only if it must.
+                    details = {k: v for k, v in (job.get("details") or {}).items() if k != "paused"}
                     with self.state.transaction():
-                        self._emit(job["job_id"], details={**job.get("details", {}), "resumed": True})
+                        self._emit(job["job_id"], details={**details, "resumed": True})
                     self._enqueue(job)
                 else:
-                    self._finish(job["job_id"], JobState.FAILED, ErrorInfo(
+                    endings.append((job["job_id"], ErrorInfo(
                         code=ErrorCode.interrupted.value,
                         message="the agent stopped while this job ran and this job type cannot resume; "
-                                "submit it again"))
+                                "submit it again")))
+        self._end_recovered(endings)
         self.prune()
+
+    def _end_recovered(self, endings: list[tuple[str, ErrorInfo]]) -> None:
+        """Interrupted jobs that cannot go on end FAILED. On a full disk their final results cannot be stored yet,
+        and start-up must not wait for room (the node must connect and answer first): what is left ends on a thread
+        of its own once there is room."""
+        for i, (job_id, error) in enumerate(endings):
+            try:
+                self._finish_once(job_id, JobState.FAILED, error, None, None)
+            except DiskFull as e:
+                self.node.disk.report(e)
+                rest = endings[i:]
+                log.warning("%d interrupted jobs end once the state disk has room (%s)", len(rest), e)
+                threading.Thread(target=self._end_when_room, args=(rest,), name="job-recover", daemon=True).start()
+                return
+
+    def _end_when_room(self, endings: list[tuple[str, ErrorInfo]]) -> None:
+        for job_id, error in endings:
+            self._finish(job_id, JobState.FAILED, error)
 
     # -- accepting and announcing -------------------------------------------------------------------------
 
@@ -275,35 +303,25 @@ class JobEngine:
     def reject(self, job_id: str, job_type: str, error: ErrorInfo,
                response: Optional[tuple[str, Optional[str]]]) -> None:
         """Record and announce a request that cannot be accepted (inside the caller's transaction): its REJECTED
-        status, after its final result (the completion rule holds for every terminal state).
-
-        Its final result is a line in the job's result log: on a full disk (a request refused *because* the disk
-        is full, typically) the node gives up its reserve, which is there for this, and writes it again. Raises
-        DiskFull, with nothing of the rejection recorded, only when even that fails."""
-        try:
-            self._reject_once(job_id, job_type, error, response)
-        except DiskFull as e:
-            self.node.disk.report(e)
-            self._reject_once(job_id, job_type, error, response)
-
-    def _reject_once(self, job_id: str, job_type: str, error: ErrorInfo,
-                     response: Optional[tuple[str, Optional[str]]]) -> None:
-        prior = self.state.get_job(job_id)  # only ever an earlier REJECTED attempt with this id
+        status, after its final result (the completion rule holds for every terminal state)."""
         job = self._new_job(job_id, job_type, JobState.REJECTED, error=error.model_dump(), finished=now(),
                             response_topic=response[0] if response else None,
                             correlation=response[1] if response else None)
         self.state.put_params(job_id, {})
         self.state.put_job(job)
+        self.state.remove_tombstones([job_id])
         try:
             self._queue_final(job, JobState.REJECTED, error, None)
-        except DiskFull:
-            # Undo, so that a retry numbers its status as if this attempt had never been.
-            if prior is not None:
-                self.state.put_job(prior)
-            else:
-                self.state.remove_jobs([job_id])
-            raise
-        self.state.remove_tombstones([job_id])
+        except DiskFull as e:
+            # A refusal on a disk that filled up while the reserve was still there (typically one *for* a full
+            # disk): give the reserve up, which is what it is for, and write the final result again (a failed
+            # append leaves nothing behind).
+            self.node.disk.report(e)
+            try:
+                self._queue_final(job, JobState.REJECTED, error, None)
+            except DiskFull as e2:
+                # The refusal itself must still be told: its status fits in the journal's reserve, its result not.
+                log.warning("job %s: no room for the final result of its refusal (%s); status only", job_id, e2)
         self._queue_status(self.state.get_job(job_id) or job)
         log.warning("job %s rejected: %s: %s", job_id, error.code, error.message, extra=job_log_extra(job))
 
@@ -359,12 +377,12 @@ class JobEngine:
                 break
             self._run_job(job_id)
 
-    def _parse_params(self, handler_cls: type[JobHandler], job: dict[str, Any]) -> Any:
+    def _parse_params(self, handler_cls: type[JobHandler], job: dict[str, Any]) -> tuple[Any, Optional[ErrorInfo]]:
+        """The job's params, or the error it must end with."""
         try:
-            return handler_cls.params_model.model_validate(self.state.get_params(job["job_id"]) or {})
+            return handler_cls.params_model.model_validate(self.state.get_params(job["job_id"]) or {}), None
         except Exception as e:  # validated at intake; only a changed handler can get here
-            self._finish(job["job_id"], JobState.FAILED, ErrorInfo(code=ErrorCode.invalid_params.value, message=str(e)))
-            return None
+            return None, ErrorInfo(code=ErrorCode.invalid_params.value, message=str(e))
 
     def _run_job(self, job_id: str) -> bool:
         """Run one job to its end. Returns True when the job was abandoned (timed out or canceled while stuck)."""
@@ -376,8 +394,9 @@ class JobEngine:
             self._finish(job_id, JobState.FAILED, ErrorInfo(code=ErrorCode.unknown_job_type.value,
                                                            message=f"no handler for job type {job['type']!r}"))
             return False
-        params = self._parse_params(handler_cls, job)
-        if params is None:
+        params, invalid = self._parse_params(handler_cls, job)
+        if invalid is not None:
+            self._finish(job_id, JobState.FAILED, invalid)
             return False
         run = _Run(job_id=job_id, handler=handler_cls())
         started = job.get("started") or now()
@@ -496,19 +515,36 @@ class JobEngine:
             return
         with self.state.transaction():
             self.state.update_job(run.job_id, {"checkpoint": data})
-        self.state.wait_durable()
+        self._wait_durable(run)
         self._pause_if_short_of_disk(run)
+
+    def _wait_durable(self, run: _Run, gen: Optional[int] = None) -> None:
+        """Wait for a commit; a full disk can hold commits up for long, and the job must still answer a cancel, its
+        timeout and a shutdown meanwhile."""
+        target = self.state.generation if gen is None else gen
+        while not self.state.wait_durable(target, timeout=0.5):
+            self._check_stop(run)
+            if self._stopping.is_set():
+                raise _Shutdown()
 
     def _pause_if_short_of_disk(self, run: _Run) -> None:
         """At a checkpoint: a job waits there while the disk is short of space instead of failing later."""
         if self.node.disk.refusing():
             self._wait_for_disk(run, None, None)
+        elif run.paused:
+            self._mark_paused(run, False)  # the output that did not fit elsewhere (see below) fitted since
 
     def _wait_for_disk(self, run: _Run, ctx: Optional["RunContext"], error: Optional[BaseException]) -> None:
         disk = self.node.disk
         disk.report(error)
         if not disk.refusing():
-            if error is not None:  # a full disk the guard could not confirm (another filesystem): do not spin
+            if error is not None:
+                # The state disk has room: the write failed on another filesystem (inference.outputs_dir), or room
+                # was made meanwhile. The job tries again every second and shows paused until its next checkpoint.
+                if not run.paused:
+                    log.warning("job %s paused: %s; trying again every second", run.job_id, error,
+                                extra={"CVW_JOB_ID": run.job_id})
+                self._mark_paused(run, True)
                 self._check_stop(run)
                 disk.wait_change(1.0)
             return
@@ -530,8 +566,9 @@ class JobEngine:
             raise JobCanceled()
 
     def _mark_paused(self, run: _Run, paused: bool) -> None:
-        if not self._live(run):
+        if not self._live(run) or run.paused == paused:
             return
+        run.paused = paused
         with self.state.transaction():
             job = self.state.get_job(run.job_id)
             if job is None or job["state"] != JobState.IN_PROGRESS.value:
@@ -581,7 +618,7 @@ class JobEngine:
                 self._wait_for_disk(run, None, e)
         gen = self.state.generation  # this transaction's, or a later one: committed together or after it
         if checkpoint is not None and wait:
-            self.state.wait_durable(gen)
+            self._wait_durable(run, gen)
         if checkpoint is not None:
             self._pause_if_short_of_disk(run)
         return gen
@@ -607,7 +644,11 @@ class JobEngine:
             try:
                 return self._finish_once(job_id, state, error, result, details)
             except DiskFull as e:
-                # The final result could not be stored: the job ends once there is room for it.
+                # The final result could not be stored: the job ends once there is room for it, or, when the agent
+                # stops first, is recovered at the next start like any job that was running.
+                if self._stopping.is_set():
+                    log.warning("job %s could not end before the agent stopped: %s", job_id, e)
+                    return False
                 log.warning("job %s cannot end yet: %s; waiting for disk space", job_id, e)
                 self.node.disk.report(e)
                 self.node.disk.wait_change(1.0)
@@ -630,6 +671,7 @@ class JobEngine:
             if self.state.params_size(job_id) > self.cfg.finished_params_max_bytes:
                 self.state.replace_params(job_id, summarize(self.state.get_params(job_id),
                                                             self.cfg.finished_params_max_bytes))
+        self._ended_since_enforce = True
         self.node.job_finished(job)
         level = logging.INFO if state == JobState.SUCCEEDED else logging.WARNING
         log.log(level, "job %s (%s) %s%s", job_id, job["type"], state.value,
@@ -639,12 +681,26 @@ class JobEngine:
     # -- housekeeping -------------------------------------------------------------------------------------
 
     _last_prune = 0.0
+    _last_enforce = 0.0
+    _ended_since_enforce = False
 
     def _maybe_prune(self) -> None:
         # Every minute, or sooner under load: each state write costs time proportional to the jobs kept.
         overfull = self.state.job_count() > self.cfg.retention_count * 1.2 + 50
         if overfull or time.monotonic() - self._last_prune > 60:
             self.prune()
+        elif self._ended_since_enforce and time.monotonic() - self._last_enforce > ENFORCE_AFTER_END_S:
+            # A few large batches can write gigabytes of outputs within the minute: the byte budgets follow soon
+            # after jobs end, not only at the next prune.
+            self._enforce_retention()
+
+    def _enforce_retention(self) -> None:
+        self._last_enforce = time.monotonic()
+        self._ended_since_enforce = False
+        try:
+            self.node.retention.enforce()
+        except OSError as e:
+            log.error("retention of outputs and result logs failed: %s", e)
 
     def prune(self) -> int:
         """Drop finished jobs beyond the retention count or older than the retention age. Each leaves a tombstone
@@ -654,7 +710,9 @@ class JobEngine:
                           key=lambda item: item[1], reverse=True)
         t_now = now()
         cutoff = t_now - self.cfg.retention_days * 86400
-        drop = [jid for i, (jid, t) in enumerate(finished) if i >= self.cfg.retention_count or t < cutoff]
+        reasons = {jid: "count" if i >= self.cfg.retention_count else "age"
+                   for i, (jid, t) in enumerate(finished) if i >= self.cfg.retention_count or t < cutoff}
+        drop = list(reasons)
         if drop:
             with self.state.transaction():
                 for job_id in drop:
@@ -666,16 +724,12 @@ class JobEngine:
                         "finished": job.get("finished") or job.get("updated"), "pruned": t_now,
                         "error": (job.get("error") or {}).get("code")})
                     self.node.outbox.add(self.node.topics.job_status(job_id), None, retain=True, kind="clear")
-                self.state.remove_jobs(drop)
-            for job_id in drop:
-                self.node.retention.remove_outputs(job_id, "job pruned")
+                results = self.state.remove_jobs(drop)
+            self.node.retention.jobs_pruned(drop, reasons, results)
             log.info("pruned %d finished jobs (tombstones keep their ids for %g days)", len(drop),
                      self.cfg.tombstone_days)
         self._prune_tombstones(t_now)
-        try:
-            self.node.retention.enforce()
-        except OSError as e:
-            log.error("retention of outputs and result logs failed: %s", e)
+        self._enforce_retention()
         return len(drop)
 
     def _prune_tombstones(self, t_now: float) -> None:
@@ -687,13 +741,17 @@ class JobEngine:
         budget = self.cfg.tombstone_max_kb * 1024
         total = sum(tombstone_bytes(job_id, doc) for job_id, doc in tombs)
         drop = []
+        reasons: dict[str, int] = {}
         for job_id, doc in tombs:
             if (doc.get("pruned") or 0) < cutoff or total > budget:
                 drop.append(job_id)
+                reason = "age" if (doc.get("pruned") or 0) < cutoff else "bytes"
+                reasons[reason] = reasons.get(reason, 0) + 1
                 total -= tombstone_bytes(job_id, doc)
         if drop:
             with self.state.transaction():
                 self.state.remove_tombstones(drop)
+            self.node.retention.tombstones_forgotten(reasons)
             log.info("forgot %d tombstones of pruned jobs (jobs.tombstone_days / tombstone_max_kb)", len(drop))
 
     # -- views --------------------------------------------------------------------------------------------

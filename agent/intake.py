@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from agent.engine import encode_correlation
 from agent.jobs import registry
 from agent.jobs.base import JobHandler
+from agent.memtrim import release_free_memory
 from agent.mqtt import valid_publish_topic
 from agent.protocol import ErrorCode, ErrorInfo, JobRequest, JobState, NodeError, is_safe_job_id, now
 from agent.state import DiskFull
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cv_worker.intake")
 
 MAX_BATCH = 500
+# Payload bytes one batch holds at most: what the intake keeps in memory at once besides what MQTT buffers.
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+# After a batch this large, freed memory is handed back to the system (agent/memtrim.py).
+LARGE_BATCH_BYTES = 16 * 1024 * 1024
 
 
 def describe_validation_error(e: ValidationError, what: str) -> str:
@@ -99,36 +104,45 @@ class Intake:
 
     def _loop(self) -> None:
         while True:
-            first = self._q.get()
-            if first is None:
+            batch = self._take_batch()
+            if batch is None:
                 return
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._q.put(None)
-                    break
-                batch.append(item)
+            payload_bytes = 0
             try:
-                self._process(batch)
+                payload_bytes = self._process(batch)
             except Exception:
                 log.exception("intake failed on a batch of %d messages", len(batch))
+            del batch  # the payloads must be unreferenced before their memory can go back
+            if payload_bytes >= LARGE_BATCH_BYTES:
+                release_free_memory()
 
-    def _process(self, batch: list[tuple[mqtt.MQTTMessage, int]]) -> None:
+    def _take_batch(self) -> Optional[list[tuple[mqtt.MQTTMessage, int]]]:
+        """Whatever has arrived, up to MAX_BATCH requests or MAX_BATCH_BYTES of payload; None when stopping."""
+        first = self._q.get()
+        if first is None:
+            return None
+        batch = [first]
+        size = len(first[0].payload)
+        while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._q.put(None)
+                break
+            batch.append(item)
+            size += len(item[0].payload)
+        return batch
+
+    def _process(self, batch: list[tuple[mqtt.MQTTMessage, int]]) -> int:
+        """Record a batch of requests, durably, then acknowledge them. Returns the bytes of their payloads."""
         state = self.node.state
         to_dispatch: list[dict[str, Any]] = []
         with state.transaction():
             for msg, _ in batch:
                 try:
                     job = self._handle(msg)
-                except DiskFull as e:
-                    # Not even its REJECTED status fits, reserve released and all: say so on N/errors.
-                    self._node_error(msg.topic, ErrorCode.disk_full, _disk_full_message(
-                        self.node, f"the request could not be recorded ({e.strerror})"))
-                    job = None
                 except Exception as e:  # a bug must still give the sender an answer
                     log.exception("error on request %s", msg.topic)
                     self._node_error(msg.topic, ErrorCode.internal_error, f"{type(e).__name__}: {e}")
@@ -137,10 +151,12 @@ class Intake:
                     to_dispatch.append(job)
         state.wait_durable()
         log.debug("intake batch of %d requests durable, %d to run", len(batch), len(to_dispatch))
+        payload_bytes = sum(len(msg.payload) for msg, _ in batch)
         for msg, epoch in batch:
             self.node.link.ack(msg.mid, msg.qos, epoch)
         for job in to_dispatch:
             self.node.engine.dispatch(job)
+        return payload_bytes
 
     def _node_error(self, topic: str, code: ErrorCode, message: str) -> None:
         err = NodeError(node_id=self.node.node_id, topic=topic[:1024],

@@ -3,6 +3,11 @@
 The network loop runs on our own thread (``client.loop()``) instead of paho's ``loop_start`` so that we choose
 the reconnect delay (exponential with full jitter, so a fleet does not reconnect in lockstep after a broker
 restart) and set a fresh last will, carrying the next ``bd_seq``, before every connection attempt.
+
+A connection counts as up (``MqttLink.connected``, the "connected to MQTT broker" log line, the birth message,
+systemd's READY=1) only once the broker has acknowledged the request subscriptions (SUBACK), not at CONNACK: on a
+new session the broker drops a request published before it has processed our SUBSCRIBE, so anyone who takes the
+node's word that it is serving must be able to rely on it.
 """
 
 from __future__ import annotations
@@ -74,8 +79,22 @@ def publish_properties(expiry: Optional[int] = None, correlation: Optional[bytes
     return props
 
 
+def request_subscribe_options() -> mqtt.SubscribeOptions:
+    """How the node subscribes to its request filters.
+
+    ``retainAsPublished``: the retain flag a request arrives with is the publisher's, so the intake can tell a
+    retained request (which would run again on every new subscription) from a plain one; without it the broker
+    clears the flag on everything it forwards live. ``retainHandling=RETAIN_SEND_IF_NEW_SUB``: retained messages
+    only when the subscription is new, not again each time a resumed session re-subscribes after a reconnect."""
+    return mqtt.SubscribeOptions(qos=1, retainAsPublished=True,
+                                 retainHandling=mqtt.SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+
+
 class Backoff:
-    """Exponential backoff with full jitter: uniform(min, min(max, min * 2**n))."""
+    """Exponential backoff with full jitter: the n-th delay in a row is uniform(min, min(max, min * 2**n)).
+
+    Even the first delay is spread over [min, 2 * min]: a fleet that lost its broker at the same instant must not
+    all knock again at the same instant."""
 
     def __init__(self, min_s: float, max_s: float):
         self.min_s = min_s
@@ -83,8 +102,8 @@ class Backoff:
         self.failures = 0
 
     def next_delay(self) -> float:
-        cap = min(self.max_s, self.min_s * (2 ** min(self.failures, 30)))
         self.failures += 1
+        cap = min(self.max_s, self.min_s * (2 ** min(self.failures, 30)))
         return random.uniform(self.min_s, cap)
 
     def reset(self) -> None:
@@ -109,6 +128,7 @@ class MqttLink:
         rediscover_after_s: float = 60.0,
     ):
         self.cfg = cfg
+        self.client_id = client_id
         self.host = host
         self.port = port
         self._subscriptions = subscriptions
@@ -126,14 +146,21 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
         # Only the network thread may write to the socket. Without a loop thread of its own, paho's publish()
         # writes from the calling thread, so two publishers (outbox, streams) could interleave the bytes of a
         # partially sent large packet. With this (documented, external-event-loop) hook set, publish() only
         # queues the packet and wakes our loop, which does all the writing.
         self.client.on_socket_register_write = lambda client, userdata, sock: None
+        # Set once the broker acknowledged our subscriptions: the node is serving (see the module docstring).
         self.connected = threading.Event()
+        # Between CONNACK and the end of the connection: the socket carries our packets (acks, the final status)
+        # even before the SUBACK, e.g. for requests a resumed session delivers right after the CONNACK.
+        self._session_up = False
+        self._pending_subscribe: Optional[tuple[int, list[str], bool]] = None  # (mid, filters, session_present)
         # Incremented on every CONNACK: a message id is only meaningful on the connection that delivered it.
         self.epoch = 0
+        self.backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self._stop = threading.Event()
         self._leaving = False  # a clean DISCONNECT is on its way: the closed socket is not a lost connection
         self._thread: Optional[threading.Thread] = None
@@ -172,7 +199,7 @@ class MqttLink:
             self.host, self.port = found
 
     def _run(self) -> None:
-        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        backoff = self.backoff
         while not self._stop.is_set():
             if self._down_since is not None:
                 self._maybe_rediscover()
@@ -192,11 +219,9 @@ class MqttLink:
                 rc = self.client.loop(timeout=0.5)
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
-                if self.connected.is_set() and backoff.failures and time.monotonic() - (self.connected_since or 0) > 10:
-                    backoff.reset()  # a connection that lasted is a success; a flapping one keeps backing off
             if self._stop.is_set() or self._leaving:
                 break
-            self.connected.clear()
+            self._connection_ended()
             if self._down_since is None:
                 self._down_since = time.monotonic()
             delay = backoff.next_delay()
@@ -206,17 +231,18 @@ class MqttLink:
 
     def stop(self, final: Optional[tuple[str, bytes]] = None, timeout: float = 5.0) -> None:
         """Publish ``final`` (the 'stopped' status) if connected, then disconnect cleanly (no will)."""
-        if final is not None and self.connected.is_set():
+        # _session_up rather than connected: a stop that falls between CONNACK and SUBACK still leaves cleanly.
+        if final is not None and self._session_up:
             info = self.client.publish(final[0], final[1], qos=1, retain=True, properties=publish_properties())
             deadline = time.monotonic() + timeout
-            while not info.is_published() and time.monotonic() < deadline and self.connected.is_set():
+            while not info.is_published() and time.monotonic() < deadline and self._session_up:
                 time.sleep(0.02)
-        if self.connected.is_set():
+        if self._session_up:
             # Queued like everything else; the network thread sends it and closes the socket.
             self._leaving = True
             self.client.disconnect()
             deadline = time.monotonic() + 2.0
-            while self.connected.is_set() and time.monotonic() < deadline:
+            while self._session_up and time.monotonic() < deadline:
                 time.sleep(0.02)
         self._stop.set()
         if self._thread:
@@ -231,20 +257,62 @@ class MqttLink:
             log.error("%s (check [mqtt] username/password_file/TLS settings)", self.last_error)
             return
         self.epoch += 1
+        self._session_up = True
+        # The broker is back: a later loss starts again from reconnect_min_s instead of the delay this outage
+        # grew to (which would leave the node idle for up to reconnect_max_s after the broker's next restart).
+        self.backoff.reset()
         self.last_error = None
         self._down_since = None
         self.connected_since = time.monotonic()
+        session_present = bool(flags.session_present)
         subs = self._subscriptions()
-        if subs:
-            client.subscribe([(s, mqtt.SubscribeOptions(qos=1)) for s in subs])
+        if not subs:
+            self._serving(session_present)
+            return
+        rc, mid = client.subscribe([(s, request_subscribe_options()) for s in subs])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # Only a socket that is already gone gets here; the loop sees the loss and reconnects.
+            log.warning("cannot subscribe to %s: %s", ", ".join(subs), mqtt.error_string(rc))
+            return
+        self._pending_subscribe = (mid, subs, session_present)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
+                      properties: Any) -> None:
+        pending = self._pending_subscribe
+        if pending is None or pending[0] != mid:
+            return
+        self._pending_subscribe = None
+        _, subs, session_present = pending
+        refused = [f"{f} ({rc})" for f, rc in zip(subs, reason_codes) if rc.is_failure]
+        if refused:
+            # Usually the broker's ACL: retrying would not help, and the connection still carries the node's
+            # statuses and results, so the node goes on; but requests on these filters never reach it.
+            self.last_error = f"broker refused the subscription to {', '.join(refused)}"
+            log.error("%s: requests sent there are NOT received (check the broker's ACL for client %s)",
+                      self.last_error, self.client_id)
+        elif len(reason_codes) != len(subs):
+            log.error("broker answered %d subscriptions with %d reason codes: %s", len(subs), len(reason_codes),
+                      reason_codes)
+        downgraded = [f for f, rc in zip(subs, reason_codes) if not rc.is_failure and rc.value == 0]
+        if downgraded:
+            log.warning("broker granted only QoS 0 on %s: requests there may be lost across a reconnect",
+                        ", ".join(downgraded))
+        self._serving(session_present)
+
+    def _serving(self, session_present: bool) -> None:
         self.connected.set()
         log.info("connected to MQTT broker %s:%s (session %s)", self.host, self.port,
-                 "resumed" if flags.session_present else "new")
-        self._on_connected_cb(bool(flags.session_present))
+                 "resumed" if session_present else "new")
+        self._on_connected_cb(session_present)
+
+    def _connection_ended(self) -> None:
+        self._session_up = False
+        self._pending_subscribe = None
+        self.connected.clear()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        was_connected = self.connected.is_set()
-        self.connected.clear()
+        was_connected = self._session_up
+        self._connection_ended()
         # After a refused CONNECT the broker's close says "protocol error"; the refusal is the useful reason.
         if was_connected and reason_code is not None and getattr(reason_code, "is_failure", False):
             self.last_error = f"disconnected: {reason_code}"
@@ -263,7 +331,7 @@ class MqttLink:
     def ack(self, mid: int, qos: int, epoch: int) -> None:
         """Acknowledge a request once it is durable; skipped if the connection that delivered it is gone
         (the broker then redelivers it and the job id makes the duplicate harmless)."""
-        if qos > 0 and epoch == self.epoch and self.connected.is_set():
+        if qos > 0 and epoch == self.epoch and self._session_up:
             self.client.ack(mid, qos)
 
     def publish_entry(self, entry: dict[str, Any]) -> Optional[int]:

@@ -28,6 +28,7 @@ from agent.protocol import ErrorCode, ErrorInfo, JobState, NodeError, NodeStatus
 from agent.retention import Retention, RetentionLimits
 from agent.state import StateStore
 from agent.stats import StatsPublisher
+from agent.storage import atomic_write_bytes
 from agent.streams.manager import StreamManager
 from models.runtime import ModelManager
 from models.store import ModelStore
@@ -41,6 +42,7 @@ log = logging.getLogger("cv_worker")
 
 class Node:
     realm = registry.NODE  # the job types this process runs (a build peer runs registry.TRAINER ones)
+    _runtime_error: Optional[str] = None  # why runtime.json could not be written last time
 
     def __init__(self, config: AgentConfig):
         self.config = config
@@ -83,22 +85,33 @@ class Node:
             reserve_bytes=int(st.reserve_mb * MB), check_interval_s=st.check_interval_s),
             free_space=self.retention.free, on_change=self._disk_changed)
         self.state.add_write_error_listener(self.disk.report)
+        self._disk_refusing = False
+        self._disk_lock = threading.Lock()
 
     def _disk_changed(self, reading: DiskReading) -> None:
-        if reading.level != "ok":
-            free = f"{reading.free_bytes / MB:.1f} MB free" if reading.free_bytes is not None else "no free space"
-            err = NodeError(node_id=self.node_id, topic=None, ts=now(), error=ErrorInfo(
-                code=ErrorCode.disk_full.value,
-                message=f"the state disk has {free} (storage.free_low_mb = {self.config.storage.free_low_mb:g}): "
-                        "new work is refused with disk_full and running jobs are paused until "
-                        f"{self.config.storage.free_resume_mb:g} MB are free; old outputs and result logs are "
-                        "being deleted"))
-            try:
-                with self.state.transaction():
-                    self.outbox.add(self.topics.errors, err.model_dump(mode="json"), kind="error")
-            except Exception:  # the birth below still tells the fleet
-                log.exception("cannot queue the disk_full message")
+        # One N/errors message each time the node starts refusing work, not for low -> full and back. The guard's
+        # thread and a failing writer's may both get here.
+        refusing = reading.level != "ok"
+        with self._disk_lock:
+            starts, self._disk_refusing = refusing and not self._disk_refusing, refusing
+        if starts:
+            self._publish_disk_error(reading)
         self.announce_change()
+
+    def _publish_disk_error(self, reading: DiskReading) -> None:
+        """``disk_full`` on N/errors: a condition of the node, published at once and not through the outbox, which
+        waits for state commits that a full disk may be holding up. Not kept for later: a controller that was away
+        reads the `disk` field of the retained birth, and a reconnect publishes this again while it lasts."""
+        if self.link is None or not self.link.connected.is_set():
+            return
+        free = f"{reading.free_bytes / MB:.1f} MB free" if reading.free_bytes is not None else "no free space"
+        err = NodeError(node_id=self.node_id, topic=None, ts=now(), error=ErrorInfo(
+            code=ErrorCode.disk_full.value,
+            message=f"the state disk has {free} (storage.free_low_mb = {self.config.storage.free_low_mb:g}): "
+                    "new work is refused with disk_full and running jobs are paused until "
+                    f"{self.config.storage.free_resume_mb:g} MB are free; old outputs and result logs are "
+                    "being deleted"))
+        self.link.publish_now(self.topics.errors, err.model_dump_json().encode())
 
     # -- identity -----------------------------------------------------------------------------------------
 
@@ -221,6 +234,8 @@ class Node:
 
     def _on_connected(self, session_present: bool) -> None:
         self.publish_birth()
+        if self.disk.refusing():
+            self._publish_disk_error(self.disk.reading())
         self.outbox.wake()
         self._write_runtime()
         self._notify(status="connected to broker, serving jobs")
@@ -234,11 +249,15 @@ class Node:
                    "mqtt": f"{self.link.host}:{self.link.port}", "connected": self.link.connected.is_set(),
                    "updated": now()}
         try:
-            tmp = self.config.state_dir / ".runtime.json.tmp"
-            tmp.write_text(json.dumps(runtime))
-            os.replace(tmp, self.config.state_dir / "runtime.json")
+            # Not fsynced: it describes this run only, and a stale one after a power cut names a pid that is gone.
+            atomic_write_bytes(self.config.state_dir / "runtime.json", json.dumps(runtime).encode(),
+                               durable=False)
         except OSError as e:
-            log.warning("cannot write runtime file: %s", e)
+            if str(e) != self._runtime_error:  # every 5 s on a full disk: say it once
+                log.warning("cannot write runtime file: %s", e)
+            self._runtime_error = str(e)
+        else:
+            self._runtime_error = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

@@ -33,8 +33,6 @@ class Outbox:
         self._acks: "collections.deque[tuple[int, int]]" = collections.deque()
         self._mid_to_id: dict[int, int] = {}
         self._handed_upto = 0
-        self._epoch = 0  # the MQTT connection (link.epoch) entries were last handed over on
-        self._resending: set[int] = set()  # message ids of an earlier connection that paho sends again
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._idle = threading.Event()
@@ -123,16 +121,6 @@ class Outbox:
         link = self.link
         if link is None or not link.connected.is_set():
             return
-        if link.epoch != self._epoch:
-            # A new connection. paho sends what the old one left unacknowledged again, but only after the connect
-            # callback that woke us: an entry handed over before those are acknowledged would overtake them (a
-            # terminal status ahead of the final result, versions out of order at the controller).
-            self._epoch = link.epoch
-            self._resending = set(self._mid_to_id)
-        if self._resending:
-            self._resending &= self._mid_to_id.keys()
-            if self._resending:
-                return
         durable = self.state.durable_generation
         room = MAX_IN_FLIGHT - len(self._mid_to_id)
         if room <= 0:

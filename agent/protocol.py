@@ -140,7 +140,8 @@ class NodeStatus(_Msg):
 
 class NodeError(_Msg):
     """``N/errors``, QoS 1: a request that could not be tied to a job id (so no job status topic exists), or a
-    condition of the node itself (`disk_full`)."""
+    condition of the node itself (`disk_full`, when the node starts refusing work and at each reconnect while it
+    does; published at once, not kept for later: the birth's `disk` field says how things stand)."""
 
     node_id: str
     topic: Optional[str] = Field(description="The topic the offending message arrived on; null for a condition of "

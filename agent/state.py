@@ -126,7 +126,9 @@ class StorageFigures:
     snapshot_bytes: int = 0
     journal_bytes: int = 0
     spool_bytes: int = 0
+    spool_files: int = 0
     jobs: int = 0
+    jobs_bytes: int = 0  # documents and params of the jobs kept, as in a snapshot
     tombstones: int = 0
     tombstone_bytes: int = 0
     commits: int = 0
@@ -169,7 +171,7 @@ class StateStore:
         self._error_listeners: list[Callable[[Optional[OSError]], None]] = []
         self._unsynced: set[Path] = set()  # result and spool files written since the last commit
         self._state_counts: Optional[dict[str, int]] = None
-        self._last_commit_s = 0.0
+        self._last_commit_cpu_s = 0.0
         self.figures = StorageFigures()
         self.journal = Journal(self.dir, read_only=read_only)
         self._legacy: list[Path] = []
@@ -325,12 +327,15 @@ class StateStore:
                 self._cond.wait_for(lambda: self._gen > self._durable_gen or self._stopping)
                 if self._stopping and self._gen == self._durable_gen:
                     return
-            # Let a burst of changes pile up so one fsync covers them all. Waiting as long as the last commit
-            # took keeps the committer (whose JSON encoding holds the GIL) under half the CPU under load.
-            time.sleep(max(self._min_interval, self._last_commit_s))
             t0 = time.monotonic()
             c0 = time.thread_time()
             try:
+                # Let a burst of changes pile up so one fsync covers them all. Waiting as long as the last commit
+                # used the CPU keeps the committer (whose JSON encoding holds the GIL) under half the CPU under load;
+                # its wall time would also count fsyncs of spooled params, and make the next commit wait for them.
+                time.sleep(max(self._min_interval, self._last_commit_cpu_s))
+                t0 = time.monotonic()
+                c0 = time.thread_time()
                 self._commit_once()
             except OSError as e:
                 # Disk full or read-only: the changes stay pending and are retried, loudly, never lost.
@@ -349,16 +354,17 @@ class StateStore:
             except Exception:
                 # The committer must outlive any bug: without it nothing reaches disk and every waiter hangs.
                 log.exception("state commit failed; retrying in 1 s")
-                time.sleep(1.0)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, 1.0)
                 continue
             if failing is not None:
                 log.warning("state writes to %s work again", self.dir)
                 failing = None
                 self.figures.last_write_error = None
                 self._tell_error(None)
-            self._last_commit_s = time.monotonic() - t0
-            self.figures.commit_wall_s += self._last_commit_s
-            self.figures.commit_cpu_s += time.thread_time() - c0
+            self._last_commit_cpu_s = time.thread_time() - c0
+            self.figures.commit_wall_s += time.monotonic() - t0
+            self.figures.commit_cpu_s += self._last_commit_cpu_s
 
     def _tell_error(self, e: Optional[OSError]) -> None:
         for fn in self._error_listeners:
@@ -527,8 +533,10 @@ class StateStore:
         with self._lock:
             return len(self.jobs_table.raw())
 
-    def remove_jobs(self, job_ids: list[str]) -> None:
-        """Forget jobs: their documents, params, spooled params and result logs."""
+    def remove_jobs(self, job_ids: list[str]) -> tuple[int, int]:
+        """Forget jobs: their documents, params, spooled params and result logs. Returns how many result logs were
+        deleted and their bytes."""
+        logs = freed = 0
         with self._lock:
             raw = self.jobs_table.raw()
             present = [j for j in job_ids if j in raw]
@@ -537,10 +545,11 @@ class StateStore:
             self.jobs_table.remove(doc_ids=present)  # type: ignore[arg-type]
             self.params_table.remove(doc_ids=[j for j in job_ids if j in self.params_table.raw()])  # type: ignore[arg-type]
             for job_id in job_ids:
-                for path in (self.result_path(job_id), self._spool_path(job_id)):
-                    self._unsynced.discard(path)
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                self._drop_spool(job_id)
+                size = self.remove_results(job_id)
+                logs += size > 0
+                freed += size
+        return logs, freed
 
     # -- params -------------------------------------------------------------------------------------------
 
@@ -786,7 +795,8 @@ class StateStore:
             size = job.get("result_bytes")
             if isinstance(size, int) and self.truncate_results(job["job_id"], size):
                 report.problems.append(f"job {job['job_id']}: result lines written after its last commit cut off")
-            if job.get("result_seq") and not job.get("results_pruned"):
+            # Reading a log is only worth it for jobs that will go on writing it; finished ones can be large.
+            if job.get("result_seq") and not job.get("results_pruned") and job["state"] in ("QUEUED", "IN_PROGRESS"):
                 have = {m.get("seq") for m in self.read_results(job["job_id"])}
                 missing = [s for s in range(int(job["result_seq"])) if s not in have]
                 if missing:
@@ -818,6 +828,8 @@ class StateStore:
             self.figures.jobs = len(self.jobs_table.raw())
             self.figures.tombstones = len(self.tombstones_table.raw())
             self.figures.tombstone_bytes = self._storage.encoded_bytes(TOMBSTONES)
-            self.figures.spool_bytes = sum(int(d.get("bytes", 0)) for d in self.params_table.raw().values()
-                                           if "spool" in d)
+            self.figures.jobs_bytes = self._storage.encoded_bytes(JOBS) + self._storage.encoded_bytes(PARAMS)
+            spooled = [int(d.get("bytes", 0)) for d in self.params_table.raw().values() if "spool" in d]
+            self.figures.spool_bytes = sum(spooled)
+            self.figures.spool_files = len(spooled)
         return StorageFigures(**vars(self.figures))

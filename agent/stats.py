@@ -7,6 +7,7 @@ Published every ``[stats] interval_s`` (default 30 s) and on a `node.stats` requ
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import logging
 import os
@@ -15,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from agent.streams.messages import ModelStats, NodeStats
+from agent.streams.messages import ModelStats, NodeStats, StorageRemoved, StorageStats
 from agent.streams.metrics import Rate, Samples
 
 if TYPE_CHECKING:
@@ -147,6 +148,19 @@ def disk(path: str) -> dict[str, Any]:
             "used_percent": round(100 * u.used / u.total, 1) if u.total else None}
 
 
+def storage_stats(node: "Node") -> StorageStats:
+    """From what the state, the retention and the disk guard keep up to date: a statvfs, one scan of the results
+    and outputs directories (a finished job's outputs are measured once), no walk of the journal."""
+    st, disk_reading, kept = node.state.storage_figures(), node.disk.reading(), node.retention.snapshot()
+    return StorageStats(
+        level=disk_reading.level, free_bytes=disk_reading.free_bytes, reserve_bytes=disk_reading.reserve_bytes,
+        write_error=st.last_write_error, snapshot_bytes=st.snapshot_bytes, journal_bytes=st.journal_bytes,
+        spool_files=st.spool_files, spool_bytes=st.spool_bytes, jobs=st.jobs, jobs_bytes=st.jobs_bytes,
+        tombstones=st.tombstones, tombstone_bytes=st.tombstone_bytes, result_logs=kept.result_logs,
+        results_bytes=kept.results_bytes, outputs_jobs=kept.outputs_jobs, outputs_files=kept.outputs_files,
+        outputs_bytes=kept.outputs_bytes, removed=StorageRemoved(**dataclasses.asdict(kept.removed)))
+
+
 def soc_temp_c(root: str = "/sys/class/thermal") -> Optional[float]:
     """The SoC temperature: on a Pi thermal_zone0 is the `cpu-thermal` zone; elsewhere prefer a CPU/SoC zone."""
     zones = []
@@ -236,8 +250,15 @@ class StatsPublisher:
             process_cpu_percent=pcpu, memory=memory(), disk=disk(str(node.config.state_dir)), soc_temp_c=soc_temp_c(),
             jobs={"by_state": counts, "running": len(node.engine.running_ids()), "queued": node.engine.queue_depth()},
             streams={s.id: s.stats() for s in streams.all()} if streams is not None else {},
-            models=self._models(),
+            models=self._models(), storage=self._storage(),
         )
+
+    def _storage(self) -> Optional[StorageStats]:
+        try:
+            return storage_stats(self.node)
+        except Exception:  # the other figures still go out
+            log.exception("storage figures failed")
+            return None
 
     def publish(self, stats: NodeStats) -> bool:
         link = self.node.link

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -56,6 +55,7 @@ class AgentProc:
     """One `cv-worker run` process with its own config and state directory."""
 
     command = "run"  # the cv-worker subcommand this process runs
+    repo = REPO  # the checkout whose code runs (a benchmark may point it at another version)
 
     def __init__(self, workdir: Path, broker: Mosquitto, node_id: str, **overrides: Any):
         self.workdir = Path(workdir)
@@ -84,19 +84,20 @@ class AgentProc:
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.wrapped = False  # self.proc is the wrapper (strace), the agent its child
 
-    def start(self, wait_online: bool = True, timeout: float = 20.0, wrapper: Sequence[str] = ()) -> "AgentProc":
-        """Start the process (under ``wrapper``, e.g. an strace command line, when given). ``wait_online``: until
-        this run connects to the broker (the log is appended to, so earlier runs' lines do not count)."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("CV_WORKER_CONFIG", None)
+    def start(self, wait_online: bool = True, timeout: float = 20.0, wrap: tuple[str, ...] = (),
+              env: Optional[dict[str, str]] = None) -> "AgentProc":
+        """``wrap``: a command the agent runs under (e.g. faketime, strace); ``env``: extra environment.
+        ``wait_online``: until this run is serving (the log is appended to, so earlier runs' lines do not count)."""
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("CV_WORKER_CONFIG", None)
         connected_before = self.log().count(CONNECTED)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
-            stdout=log, stderr=log, cwd=REPO, env=env,
+            [*wrap, sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
+            stdout=log, stderr=log, cwd=self.repo, env=full_env,
         )
         log.close()
-        self.wrapped = bool(wrapper)
+        self.wrapped = bool(wrap)
         if wait_online:
             self.wait_log(CONNECTED, timeout, count=connected_before + 1)
         return self
@@ -150,7 +151,7 @@ class AgentProc:
 
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--config", str(self.config_path)],
-                              capture_output=True, text=True, cwd=REPO, timeout=timeout)
+                              capture_output=True, text=True, cwd=self.repo, timeout=timeout)
 
     def jobs(self) -> dict[str, dict[str, Any]]:
         """The jobs in the agent's state on disk (read as `cv-worker jobs` does, also while it runs)."""
@@ -159,6 +160,42 @@ class AgentProc:
         if not self.state_dir.exists():
             return {}
         return {j["job_id"]: j for j in StateStore(self.state_dir, read_only=True).all_jobs()}
+
+
+def subscribe_and_wait(client: mqtt.Client, filters: list[tuple[str, int]], timeout: float = 20.0) -> None:
+    """Subscribe and return once the broker has acknowledged it (SUBACK): what is published from then on reaches
+    ``client``. Fails on a refused subscription."""
+    if not filters:
+        return
+    acked: dict[int, list[Any]] = {}
+    cond = threading.Condition()
+
+    def on_subscribe(c: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any], properties: Any) -> None:
+        with cond:
+            acked[mid] = reason_codes
+            cond.notify_all()
+
+    client.on_subscribe = on_subscribe
+    _, mid = client.subscribe(filters)
+    with cond:
+        if not cond.wait_for(lambda: mid in acked, timeout):
+            raise AssertionError(f"the broker did not acknowledge the subscriptions to {filters} in {timeout} s")
+    client.on_subscribe = None
+    assert not any(rc.is_failure for rc in acked[mid]), (filters, acked[mid])
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition",
+               detail: Callable[[], Any] = lambda: "", poll: float = 0.05) -> Any:
+    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` naming ``what``.
+    ``poll``: longer for a costly ``pred`` (one that reads the node's whole state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met after {timeout} s {detail()}")
+        time.sleep(poll)
 
 
 def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:
@@ -177,12 +214,9 @@ class Recorder:
         self.messages: list[tuple[str, Any, Any, bool]] = []
         self._cond = threading.Condition()
         self.filters = filters
-        self._ready = False  # subscribed, or the session we resumed already was
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
                                   **client_kw)
         self.client.on_message = self._on_message
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
         if session_expiry_s:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = session_expiry_s
@@ -191,24 +225,16 @@ class Recorder:
         else:
             self.client.connect(broker.host, broker.port)
         self.client.loop_start()
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._ready, 10):
-                raise AssertionError(f"recorder not subscribed to {filters} within 10 s")
+        wait_until(self.client.is_connected, 10, "the recorder's connection")
+        # Recording starts when the broker has taken the subscriptions, not after a guessed pause: anything
+        # published from then on is ours.
+        subscribe_and_wait(self.client, [(f, 1) for f in filters])
+        self.client.on_connect = self._on_reconnect
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+    def _on_reconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         # A resumed session still holds the subscriptions (and what arrived for them while we were away).
         if self.filters and not flags.session_present:
             client.subscribe([(f, 1) for f in self.filters])
-        else:
-            self._set_ready()
-
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        self._set_ready()
-
-    def _set_ready(self) -> None:
-        with self._cond:
-            self._ready = True
-            self._cond.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -53,3 +53,11 @@ def agents(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Callable[..., Agent
             print(e)
         if a.proc is None and "Traceback" in a.log():
             print(f"--- {a.node_id} log ---\n{a.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def picture_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The scikit-image pictures as JPEGs, for `infer` batches (tests/storage_helpers.py)."""
+    from tests.storage_helpers import write_pictures
+
+    return write_pictures(tmp_path_factory.mktemp("pictures"))

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable
 
 from agent.devbroker import Mosquitto, free_port
 from tests.agent_proc import REPO, write_config
@@ -28,9 +29,10 @@ def test_ready_only_after_the_broker_connection(tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     got: list[str] = []
 
-    def collect(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+    def collect_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < end, f"no {what} after {timeout} s: {got}"
             try:
                 got.extend(sock.recv(4096).decode().split("\n"))
             except socket.timeout:
@@ -38,19 +40,17 @@ def test_ready_only_after_the_broker_connection(tmp_path):
 
     broker = None
     try:
-        collect(4.0)  # no broker yet
+        # No broker yet: start-up is extended (not timed out) and the watchdog fed, twice over, never READY=1.
+        collect_until(lambda: got.count("WATCHDOG=1") >= 2 and
+                      sum(m.startswith("EXTEND_TIMEOUT_USEC=") for m in got) >= 2, 30, "extended start-up")
         assert "READY=1" not in got
         assert any(m.startswith("STATUS=waiting for broker 127.0.0.1:") for m in got), got
-        assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in got), "start-up is extended, not timed out"
-        assert "WATCHDOG=1" in got, "the watchdog is fed while start-up progresses"
         broker = Mosquitto(tmp_path / "broker", port=port).start()
-        collect(5.0)
-        assert "READY=1" in got
+        collect_until(lambda: "READY=1" in got, 30, "READY=1")
         assert "STATUS=connected to broker, serving jobs" in got
         agent.terminate()
         agent.wait(20)
-        collect(0.5)
-        assert "STOPPING=1" in got
+        collect_until(lambda: "STOPPING=1" in got, 5, "STOPPING=1")
     finally:
         if agent.poll() is None:
             agent.kill()

@@ -30,6 +30,8 @@ STATUS_OF_CODE: dict[str, int] = {
     "interrupted": 409,
     "unsupported": 501,
     "internal_error": 500,
+    "disk_full": 507,  # Insufficient Storage: the node takes work again once space is freed
+    "queue_full": 429,
     "unauthorized": 401,
     "not_ready": 503,
     # Failure codes of `infer` items and jobs that say more than 422 does.

@@ -8,6 +8,7 @@ FastAPI and uvicorn are imported on the server thread, so they never delay the M
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -30,20 +31,33 @@ class HttpSetupError(Exception):
     pass
 
 
+def _token_not_created(path: Path, e: OSError) -> HttpSetupError:
+    return HttpSetupError(f"cannot create the HTTP token file {path}: {e.strerror or e}; the API starts with the "
+                          "next start of the agent")
+
+
 def load_or_create_token(path: Path, create: bool) -> str:
     """The token in ``path`` (first line); with ``create``, a new random one is written there (mode 0600) when the
     file does not exist yet."""
     if create and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:  # another process made it meanwhile: use theirs
             return load_or_create_token(path, create=False)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        except OSError as e:
+            raise _token_not_created(path, e) from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            # A full disk: an empty token file left behind would keep the API off after the disk has room again.
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise _token_not_created(path, e) from None
         log.info("created a new HTTP API token in %s (`cat` it to use the API or the console)", path)
         return token
     try:

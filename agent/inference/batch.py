@@ -9,13 +9,12 @@ not stored: nothing reported twice, nothing lost.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from agent.inference import formats
 from agent.inference.annotate import draw, encode_jpeg
@@ -28,12 +27,15 @@ from agent.inference.runproc import RuntimeKey
 from agent.inference.sources import ItemFailure
 from agent.inference.upload import UploadError, put
 from agent.jobs.base import JobContext, JobError
+from agent.storage import atomic_write_bytes, is_disk_full
 
 if TYPE_CHECKING:
     from agent.node import Node
     from models.runtime import Pipeline
 
 log = logging.getLogger("cv_worker.infer")
+
+T = TypeVar("T")
 
 # Inferred images waiting for this thread at most; a few absorb its jitter (a chunk flush, a progress message).
 RELAY_DEPTH = 4
@@ -234,11 +236,25 @@ class BatchRun:
         if self.p.upload_url:
             return put(self.p.upload_url, name, body, content_type, self.cfg)
         path = self.out_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(body)
-        os.replace(tmp, path)
-        return str(path)
+
+        def write() -> str:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # No fsync: after a crash the job resumes at its last checkpoint and writes these files again.
+            atomic_write_bytes(path, body, durable=False)
+            return str(path)
+
+        return self._until_written(write)
+
+    def _until_written(self, write: Callable[[], T]) -> T:
+        """Run ``write``; while it fails for lack of space, the job pauses (``paused: disk_full``) until the disk
+        has room and tries again. A full disk is the node's condition, not this image's or this job's error."""
+        while True:
+            try:
+                return write()
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                self.ctx.wait_for_disk(e)
 
     def _flush(self, chunk: list[dict[str, Any]], rows: list[list[Any]]) -> None:
         first = self.stats.next
@@ -301,8 +317,8 @@ class BatchRun:
 
     def _write_outputs(self) -> dict[str, Any]:
         state = self.ctx.node.state
-        chunks = (m for m in state.read_results(self.ctx.job_id) if "items" in m)
-        path: Path = formats.write_outputs(chunks, self.out_dir, self.p.output)
+        path: Path = self._until_written(lambda: formats.write_outputs(
+            (m for m in state.read_results(self.ctx.job_id) if "items" in m), self.out_dir, self.p.output))
         out: dict[str, Any] = {"output_file": str(path)}
         if self.p.upload_url:
             ctype = "text/csv" if path.suffix == ".csv" else "application/json"

@@ -7,6 +7,7 @@ gets no row (annotation tools treat a missing image as "not annotated yet", whic
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -37,24 +38,31 @@ def csv_text(rows: Iterable[list[Any]], header: bool = False) -> str:
 def write_outputs(chunks: Iterable[dict[str, Any]], out_dir: Path, output: str) -> Path:
     """The whole batch as one file, built from the stored result chunks (so a resumed job's file is complete).
 
-    Written to a temporary name and renamed, so a reader never sees half a file. Streams chunk by chunk."""
+    Written to a temporary name and renamed, so a reader never sees half a file; a failed write (a full disk)
+    removes it and raises. Streams chunk by chunk."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "results.csv" if output == "vott-csv" else "results.json"
     tmp = out_dir / f".{name}.tmp"
-    with open(tmp, "w", newline="") as f:
-        if output == "vott-csv":
-            f.write(csv_text([], header=True))
-            for chunk in chunks:
-                f.write(chunk.get("csv") or "")
-        else:
-            # One JSON document, written incrementally so 100,000 items never sit in memory as one list.
-            f.write('{"items": [')
-            first = True
-            for chunk in chunks:
-                for item in chunk.get("items") or []:
-                    f.write(("" if first else ",\n") + json.dumps(item, separators=(",", ":")))
-                    first = False
-            f.write("]}\n")
-    final = out_dir / name
-    tmp.replace(final)
+    try:
+        with open(tmp, "w", newline="") as f:
+            if output == "vott-csv":
+                f.write(csv_text([], header=True))
+                for chunk in chunks:
+                    f.write(chunk.get("csv") or "")
+            else:
+                # One JSON document, written incrementally so 100,000 items never sit in memory as one list.
+                f.write('{"items": [')
+                first = True
+                for chunk in chunks:
+                    for item in chunk.get("items") or []:
+                        f.write(("" if first else ",\n") + json.dumps(item, separators=(",", ":")))
+                        first = False
+                f.write("]}\n")
+        final = out_dir / name
+        tmp.replace(final)
+    except BaseException:
+        # A full disk must not keep megabytes of a half-written file that nothing will ever finish or delete.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     return final

@@ -92,6 +92,11 @@ class JobContext(Protocol):
     def check(self) -> None:
         """Raise JobCanceled or JobTimedOut when the job must stop; cheap, call it between units of work."""
 
+    def wait_for_disk(self, error: Optional[BaseException] = None) -> None:
+        """A write of the job's own (an output file) failed with ``error`` (ENOSPC): pause while the node is short of
+        disk space (the job's status shows ``paused: disk_full``), then return so the job writes again. Raises
+        JobCanceled/JobTimedOut meanwhile."""
+
     def remaining_s(self) -> Optional[float]:
         """Seconds left before the timeout, or None without one."""
 

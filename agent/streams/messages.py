@@ -92,6 +92,48 @@ class ModelStats(_Msg):
     latency_ms: dict[str, Optional[float]] = Field(default_factory=dict, description="p50, p95 per inference.")
 
 
+class StorageRemoved(_Msg):
+    """What retention deleted since the agent started: per kind, how many by reason."""
+
+    jobs: dict[str, int] = Field(default_factory=dict, description="Finished jobs pruned with their result logs and "
+                                 "outputs, each leaving a tombstone: `count` (over `jobs.retention_count`), `age` "
+                                 "(older than `jobs.retention_days`).")
+    tombstones: dict[str, int] = Field(default_factory=dict, description="Tombstones forgotten: `age` (older than "
+                                       "`jobs.tombstone_days`), `bytes` (over `jobs.tombstone_max_kb`).")
+    results: dict[str, int] = Field(default_factory=dict, description="Result logs deleted: `job pruned`, `bytes` "
+                                    "(over `storage.results_max_mb`; the job stays, marked `results_pruned`), "
+                                    "`disk pressure`.")
+    outputs: dict[str, int] = Field(default_factory=dict, description="Jobs' outputs directories deleted: "
+                                    "`job pruned`, `age` (older than `storage.outputs_days`), `bytes` (over "
+                                    "`storage.outputs_max_mb`), `disk pressure`.")
+    freed_bytes: int = Field(0, description="Bytes of result logs and outputs deleted.")
+
+
+class StorageStats(_Msg):
+    """``NodeStats.storage``: what the node keeps on its state disk (docs/storage.md) and how much room is left."""
+
+    level: Literal["ok", "low", "full"] = Field(description="As the birth's `disk`: `low` under "
+                                                "`storage.free_low_mb`, `full` after a write failed for lack of space.")
+    free_bytes: Optional[int] = Field(description="Free space of the state directory's filesystem.")
+    reserve_bytes: int = Field(description="Size of the reserve file (`storage.reserve_mb`); 0 while it is released "
+                               "(disk pressure) or configured off.")
+    write_error: Optional[str] = Field(None, description="Why state commits fail, while they do (e.g. no space).")
+    snapshot_bytes: int = Field(description="The state snapshot.")
+    journal_bytes: int = Field(description="The state journal written since the last snapshot.")
+    spool_files: int = Field(description="Params of active jobs kept in files of their own (`storage.spool_min_kb`).")
+    spool_bytes: int
+    jobs: int = Field(description="Jobs kept in the state, active and finished.")
+    jobs_bytes: int = Field(description="Their documents and params in the state.")
+    tombstones: int = Field(description="Ids of pruned jobs remembered (`jobs.tombstone_days`).")
+    tombstone_bytes: int
+    result_logs: int = Field(description="Result logs of finished jobs.")
+    results_bytes: int
+    outputs_jobs: int = Field(description="Finished jobs with outputs (annotated copies, masks, output files).")
+    outputs_files: int
+    outputs_bytes: int
+    removed: StorageRemoved
+
+
 class NodeStats(_Msg):
     """``N/stats``, QoS 1 (retained by default): the node's runtime figures, every `stats.interval_s` and on a
     `node.stats` request."""
@@ -106,6 +148,8 @@ class NodeStats(_Msg):
     process_cpu_percent: Optional[float] = Field(None, description="This agent's CPU use (100 = one core).")
     memory: dict[str, Any] = Field(description="total_mb, available_mb, used_percent; process_rss_mb.")
     disk: dict[str, Any] = Field(description="Of the state directory: total_mb, free_mb, used_percent.")
+    storage: Optional[StorageStats] = Field(None, description="What the node keeps on its state disk and what "
+                                            "retention removed (docs/storage.md); absent from older agents.")
     soc_temp_c: Optional[float] = Field(None, description="SoC temperature when the board exposes one.")
     jobs: dict[str, Any] = Field(description="by_state counts, running, queued.")
     streams: dict[str, StreamStats] = Field(default_factory=dict)

@@ -35,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.devbroker import Mosquitto
 from agent.state import StateStore
-from tests.agent_proc import AgentProc, Recorder, child_pids
+from tests.agent_proc import AgentProc, Recorder, child_pids, wait_until
 
 PREFIX = "cvw/v1"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "REJECTED"})
@@ -120,17 +120,15 @@ class JobController:
             elif not getattr(reason_code, "is_failure", False):
                 job.acked = True
 
-    def submit(self, job: Job, ledger: bool = True) -> bool:
-        """Publish the job's request; False when there is no connection (not sent, not recorded). ``ledger``
-        False: a probe, not among the jobs the invariants cover."""
+    def submit(self, job: Job) -> bool:
+        """Publish the job's request; False when there is no connection (not sent, not recorded)."""
         if not self.client.is_connected():
             return False
         body = json.dumps({"type": job.type, "params": job.params, "priority": job.priority}).encode()
         job.sent_at = time.monotonic()
         info = self.client.publish(f"{PREFIX}/nodes/{self.node_id}/jobs/{job.job_id}/request", body, qos=1)
         with self._lock:
-            if ledger:
-                self.jobs[job.job_id] = job
+            self.jobs[job.job_id] = job
             if info.mid in self._early:
                 self._early.discard(info.mid)
                 job.acked = True
@@ -261,24 +259,6 @@ class JobRecorder(Recorder):
                 self._cond.wait(0.2)
 
 
-def wait_subscribed(ctl: JobController, rec: JobRecorder, timeout: float = 30) -> None:
-    """Until a request reaches the node. The agent says it is connected at the CONNACK, before the broker has its
-    subscription: on the first connection of a new node a request published in between finds no subscriber (and
-    no session to wait in) and is dropped, acknowledged. Probes are not among the jobs the invariants cover."""
-    deadline = time.monotonic() + timeout
-    n = 0
-    while True:
-        probe = Job(f"probe-{n}", "node.info", {}, DONE)
-        ctl.submit(probe, ledger=False)
-        try:
-            rec.wait_terminal([probe.job_id], timeout=1.0)
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no request reached node {ctl.node_id} within {timeout} s") from None
-        n += 1
-
-
 def check_job(job: Job, seen: Optional[Seen], must_finish: bool) -> list[str]:
     """The invariants of one job (see the module docstring); a list of what is wrong."""
     bad: list[str] = []
@@ -400,20 +380,12 @@ def wait_outbox_empty(agent: AgentProc, timeout: float = 60) -> None:
     wait_until(empty, timeout, "the node's outbox is empty", poll=0.3)
 
 
-def wait_until(pred: Any, timeout: float, what: str, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s: {what}")
-        time.sleep(poll)
-
-
-def strace_command(syscall: str, k: int, paths: Iterable[Path] = ()) -> list[str]:
+def strace_command(syscall: str, k: int, paths: Iterable[Path] = ()) -> tuple[str, ...]:
     """strace that SIGKILLs the traced process (every thread and child followed) at the ``k``-th call of
     ``syscall`` in one of its threads; with ``paths``, only calls on those files count."""
     assert STRACE is not None
-    return [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}", *[f"-P{p}" for p in paths],
-            f"--inject={syscall}:signal=KILL:when={k}"]
+    return (STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}", *[f"-P{p}" for p in paths],
+            f"--inject={syscall}:signal=KILL:when={k}")
 
 
 def wait_killed_by_strace(agent: AgentProc, timeout: float) -> bool:

@@ -15,7 +15,6 @@ from tests.chaos.harness import (
     descendants,
     infer_job,
     wait_outbox_empty,
-    wait_subscribed,
     wait_until,
 )
 
@@ -34,7 +33,6 @@ def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(tmp_path, q
     left_behind: list[Proc] = []  # processes of killed agents (decode workers, inference process)
     try:
         agent.start()
-        wait_subscribed(ctl, rec)
         t0 = time.monotonic()
         ctl.start_stream(random.Random(rng.random()), rate=50)
         for k in range(KILLS):

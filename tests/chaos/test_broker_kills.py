@@ -17,7 +17,6 @@ from tests.chaos.harness import (
     infer_job,
     kill_broker_between_loops,
     wait_outbox_empty,
-    wait_subscribed,
 )
 
 BROKER_KILLS = 6
@@ -32,7 +31,6 @@ def test_broker_sigkill_while_jobs_run_loses_nothing(tmp_path, mosquitto, pictur
     ctl = JobController(mosquitto, agent.node_id, "chaos-ctl-bk")
     try:
         agent.start()
-        wait_subscribed(ctl, rec)
         # A broker that saves after every change rewrites all it holds each time: a slower stream keeps it usable.
         ctl.start_stream(random.Random(rng.random()), rate=30)
         batch = infer_job("batch-bk", pictures[1], BATCH_IMAGES)

@@ -19,7 +19,6 @@ from tests.chaos.harness import (
     JobRecorder,
     assert_invariants,
     infer_job,
-    wait_subscribed,
     wait_until,
 )
 
@@ -91,7 +90,6 @@ def test_disk_full_while_a_batch_runs_then_freed(tmp_path, small_disk, quiet_bro
     ballast = small_disk / "ballast"
     try:
         agent.start()
-        wait_subscribed(ctl, rec)
         rng = random.Random(seed)
         batch = infer_job("batch-disk", pictures[1], BATCH_IMAGES)
         assert ctl.submit(batch)
@@ -169,7 +167,6 @@ def test_a_request_refused_on_a_full_disk_still_gets_its_rejected_status(tmp_pat
     reserve = small_disk / "reserve"
     try:
         agent.start()
-        wait_subscribed(ctl, rec)
         wait_until(lambda: reserve.exists() and reserve.stat().st_size == LIMITS["reserve_mb"] * MB, 10,
                    "the node keeps its reserve")
         fill(small_disk / "ballast", reserve)

@@ -17,7 +17,6 @@ from tests.chaos.harness import (
     assert_retained_terminal,
     infer_job,
     wait_outbox_empty,
-    wait_subscribed,
     wait_until,
 )
 
@@ -38,7 +37,6 @@ def test_a_60s_outage_loses_nothing_and_the_node_is_back_within_2s(tmp_path, mos
     ctl = JobController(mosquitto, agent.node_id, "chaos-ctl-outage")
     try:
         agent.start()
-        wait_subscribed(ctl, rec)
         jobs = [infer_job("batch-outage", pictures[1], 400)]
         for i in range(40):
             seconds = round(rng.uniform(0.5, 8.0), 2)

@@ -21,7 +21,6 @@ from tests.chaos.harness import (
     strace_command,
     wait_killed_by_strace,
     wait_outbox_empty,
-    wait_subscribed,
 )
 
 # (syscall, K): SIGKILL at the K-th call in one thread. `write` counts only appends to the journal segment (the
@@ -50,7 +49,6 @@ def test_a_kill_at_every_step_of_a_commit_loses_nothing(tmp_path, quiet_broker, 
     try:
         # The node's first connection creates its broker session: requests sent before it exists reach nobody.
         agent.start()
-        wait_subscribed(ctl, rec)
         agent.stop()
         stream_rng = random.Random(rng.random())
         batch = infer_job("batch-strace", pictures[1], BATCH_IMAGES)
@@ -60,7 +58,7 @@ def test_a_kill_at_every_step_of_a_commit_loses_nothing(tmp_path, quiet_broker, 
             # Jobs flow while the traced agent starts, works and is killed; they pause for each check, so the
             # backlog of one round does not carry over into the next.
             ctl.start_stream(stream_rng, rate=50)
-            agent.start(wrapper=strace_command(syscall, k, paths), wait_online=False)
+            agent.start(wrap=strace_command(syscall, k, paths), wait_online=False)
             assert wait_killed_by_strace(agent, timeout=60), f"no {k}th {syscall} within 60 s"
             ctl.stop_stream()
             fired.append(f"{syscall}:{k}")

@@ -43,9 +43,8 @@ def test_advertise_browse_update_and_remove(node_id: str) -> None:
     try:
         t0 = time.monotonic()
         adv.start()
-        start_took = time.monotonic() - t0
-        # start() must not wait for the ~1.7 s of probing: the agent connects to MQTT meanwhile.
-        assert start_took < 0.3, f"start() blocked for {start_took:.2f}s"
+        # start() must not wait for the ~1.7 s of probing (the agent connects to MQTT meanwhile): when it returns,
+        # probing is still under way. (A stopwatch on start() would fail whenever the machine is busy.)
         assert adv.state == "probing"
 
         added = events.next(node_id, "added", timeout=10)
@@ -66,10 +65,8 @@ def test_advertise_browse_update_and_remove(node_id: str) -> None:
         assert adv.name == node_id
 
         # A clean stop sends goodbyes: browsers see the node go at once, not after the 75 min PTR TTL.
-        t1 = time.monotonic()
         adv.stop()
-        removed = events.next(node_id, "removed", timeout=5)
-        assert time.monotonic() - t1 < 3
+        removed = events.next(node_id, "removed", timeout=20)
         assert removed.node.node_id == node_id
         assert adv.state == "stopped"
     finally:

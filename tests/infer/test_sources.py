@@ -103,6 +103,11 @@ def test_nothing_processed_fails_with_every_reason(agent, ctl):
     assert "1 not_found" in err["message"] and "1 not_an_image" in err["message"]
     # the per-item reasons were still streamed
     assert [i["error"]["code"] for i in items_of(out.results)] == ["not_found", "not_an_image"]
+    # and the job's one final result says how many chunks came before it and that the output is not complete
+    finals = [r for r in out.results if r["final"]]
+    assert len(finals) == 1 and finals[0]["seq"] == len(out.results) - 1
+    assert finals[0]["chunks"] == len(out.results) - 1 >= 1 and finals[0]["complete"] is False
+    assert finals[0]["state"] == "FAILED" and finals[0]["error"]["code"] == "no_images_processed"
 
 
 def test_missing_model_fails_clearly(agent, ctl):
@@ -141,3 +146,24 @@ def test_threshold_classes_and_max_detections_filter(agent, ctl):
     assert all(d["score"] >= 0.3 for d in items_of(low.results)[0]["detections"])
     for out in (high, other, none):
         assert out.state == "SUCCEEDED" and items_of(out.results)[0]["detections"] == []
+
+
+def test_job_result_pages_through_the_chunks_of_a_batch(agent, ctl):
+    """`job.result` with from_seq and max_chunks: pages of chunks, then the batch's own totals as the last page's
+    final message (with of_chunks / of_complete), nothing sent twice, nothing skipped."""
+    images = [{"id": f"a{k}", "path": "astronaut.jpg"} for k in range(10)]  # chunk_size 4: 3 chunks, then final
+    out = run_job(ctl, agent.node_id, {"model": "blazeface", "images": images})
+    assert out.state == "SUCCEEDED" and out.final["chunks"] == 3 and out.final["complete"] is True
+    seen, seq, pages = [], 0, 0
+    while True:
+        jid = ctl.submit("job.result", {"job_id": out.job_id, "from_seq": seq, "max_chunks": 2}, node=agent.node_id)
+        page = ctl.wait(jid, timeout=30)
+        assert page.state == "SUCCEEDED"
+        pages += 1
+        seen += [r["of_seq"] for r in page.results if not r["final"]]
+        if page.final["next_seq"] is None:
+            assert page.final["of_state"] == "SUCCEEDED" and page.final["of_chunks"] == 3
+            assert page.final["of_complete"] is True and page.final["succeeded"] == 10
+            break
+        seq = page.final["next_seq"]
+    assert seen == [0, 1, 2] and pages == 2

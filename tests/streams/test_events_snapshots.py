@@ -49,7 +49,7 @@ def test_face_enters_and_leaves(stream_agent, ctl, mosquitto, videos):
     rec.close()
 
     late = Recorder(mosquitto, f"{N}/snapshot")  # a controller that connects later still gets the last one
-    late.wait_for(lambda m: len(m) >= 1, timeout=5)
+    late.wait_for(lambda m: len(m) >= 1)
     assert late.messages[0][3] is True and isinstance(late.messages[0][1], bytes)
     late.close()
 
@@ -57,7 +57,7 @@ def test_face_enters_and_leaves(stream_agent, ctl, mosquitto, videos):
     rec = Recorder(mosquitto, f"{N}/snapshot")
     res = run_job(ctl, a.node_id, "stream.snapshot", {"stream_id": "lobby"})
     assert res["snapshot"]["bytes"] > 1000 and res["snapshot"]["topic"] == f"{N}/snapshot"
-    rec.wait_for(lambda m: any(dict(p.UserProperty).get("reason") == "request" for _, _, p, _ in m), timeout=5)
+    rec.wait_for(lambda m: any(dict(p.UserProperty).get("reason") == "request" for _, _, p, _ in m))
     rec.close()
     # The file has no `loop`: at its end the stream says so and waits.
     deadline = time.monotonic() + 10

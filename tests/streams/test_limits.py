@@ -4,7 +4,6 @@ BlazeFace, real videos, except the in-process checks of the tracker and the coun
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -39,7 +38,9 @@ def _start(a: AgentProc, broker: Mosquitto) -> AgentProc:
 
 def _persisted(a: AgentProc) -> dict[str, Any]:
     """The desired set in the agent's durable state (read while the agent is stopped)."""
-    return json.loads((a.state_dir / "jobs.json").read_text())["meta"]["streams"]["value"]
+    from agent.state import StateStore
+
+    return StateStore(a.state_dir, read_only=True).meta_get("streams")
 
 
 def test_start_beyond_the_limit_fails_and_a_restart_is_not_a_new_stream(stream_agent, ctl, mosquitto, videos):

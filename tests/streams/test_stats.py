@@ -37,6 +37,6 @@ def test_stats_periodic_and_on_request(stream_agent, ctl, mosquitto, videos):
                                  "streams", "models"}
     rec.wait_for(lambda m: len(m) > n)
     retained = Recorder(mosquitto, f"cvw/v1/nodes/{a.node_id}/stats")
-    retained.wait_for(lambda m: len(m) >= 1 and m[0][3] is True, timeout=5)
+    retained.wait_for(lambda m: len(m) >= 1 and m[0][3] is True)
     retained.close()
     rec.close()
