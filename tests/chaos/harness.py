@@ -61,7 +61,6 @@ class Job:
     may_end: frozenset[str]
     priority: int = 0
     acked: bool = False  # the broker acknowledged the request (PUBACK): it must not be lost
-    sent_at: float = 0.0
 
     @property
     def side_effect(self) -> bool:
@@ -125,7 +124,6 @@ class JobController:
         if not self.client.is_connected():
             return False
         body = json.dumps({"type": job.type, "params": job.params, "priority": job.priority}).encode()
-        job.sent_at = time.monotonic()
         info = self.client.publish(f"{PREFIX}/nodes/{self.node_id}/jobs/{job.job_id}/request", body, qos=1)
         with self._lock:
             self.jobs[job.job_id] = job
