@@ -313,9 +313,15 @@ class JobEngine:
         try:
             self._queue_final(job, JobState.REJECTED, error, None)
         except DiskFull as e:
-            # The refusal itself must still be told: its status fits in the journal's reserve, its result log not.
+            # A refusal on a disk that filled up while the reserve was still there (typically one *for* a full
+            # disk): give the reserve up, which is what it is for, and write the final result again (a failed
+            # append leaves nothing behind).
             self.node.disk.report(e)
-            log.warning("job %s: no room for the final result of its refusal (%s); status only", job_id, e)
+            try:
+                self._queue_final(job, JobState.REJECTED, error, None)
+            except DiskFull as e2:
+                # The refusal itself must still be told: its status fits in the journal's reserve, its result not.
+                log.warning("job %s: no room for the final result of its refusal (%s); status only", job_id, e2)
         self._queue_status(self.state.get_job(job_id) or job)
         log.warning("job %s rejected: %s: %s", job_id, error.code, error.message, extra=job_log_extra(job))
 

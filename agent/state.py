@@ -176,6 +176,11 @@ class StateStore:
         self.journal = Journal(self.dir, read_only=read_only)
         self._legacy: list[Path] = []
         loaded = self._load()
+        outbox = loaded.tables.get(OUTBOX)
+        if outbox:
+            # outbox_after relies on the table's order being the id order. A journal record lists its changes
+            # sorted as text ("10" before "9"), so replaying it inserts entries out of order: put them back.
+            loaded.tables[OUTBOX] = dict(sorted(outbox.items(), key=lambda kv: int(kv[0])))
         self._seq = loaded.seq
         self.load_problems = loaded.problems
         for p in loaded.problems:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,12 +15,22 @@ from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.client import Controller
 from agent.config import MqttConfig
 from agent.devbroker import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
+CONNECTED = "connected to MQTT broker"  # what the agent logs on every CONNACK
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 def _die_with_parent() -> None:
@@ -81,20 +92,24 @@ class AgentProc:
         self.config_path = write_config(self.workdir / "config.toml", cfg)
         self.log_path = self.workdir / "agent.log"
         self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.wrapped = False  # self.proc is the wrapper (strace), the agent its child
 
     def start(self, wait_online: bool = True, timeout: float = 20.0, wrap: tuple[str, ...] = (),
               env: Optional[dict[str, str]] = None) -> "AgentProc":
-        """``wrap``: a command the agent runs under (e.g. faketime, strace); ``env``: extra environment."""
+        """``wrap``: a command the agent runs under (e.g. faketime, strace); ``env``: extra environment.
+        ``wait_online``: until this run is serving (the log is appended to, so earlier runs' lines do not count)."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env.pop("CV_WORKER_CONFIG", None)
+        connected_before = self.log().count(CONNECTED)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config_path)],
             stdout=log, stderr=log, cwd=self.repo, env=full_env, preexec_fn=_die_with_parent,
         )
         log.close()
+        self.wrapped = bool(wrap)
         if wait_online:
-            self.wait_log("connected to MQTT broker", timeout)
+            self.wait_log(CONNECTED, timeout, count=connected_before + 1)
         return self
 
     def wait_log(self, text: str, timeout: float = 20.0, count: int = 1) -> None:
@@ -134,7 +149,13 @@ class AgentProc:
     def kill(self) -> None:
         """SIGKILL: a power cut as far as the agent can tell."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            if self.wrapped:
+                # Killing the tracer would only detach the agent; killed, the agent takes the tracer with it.
+                for pid in child_pids(self.proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
             self.proc.wait(5)
         self.proc = None
 
@@ -174,8 +195,9 @@ def subscribe_and_wait(client: mqtt.Client, filters: list[tuple[str, int]], time
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition",
-               detail: Callable[[], Any] = lambda: "") -> Any:
-    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` naming ``what``."""
+               detail: Callable[[], Any] = lambda: "", poll: float = 0.05) -> Any:
+    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` naming ``what``.
+    ``poll``: longer for a costly ``pred`` (one that reads the node's whole state)."""
     deadline = time.monotonic() + timeout
     while True:
         got = pred()
@@ -183,7 +205,7 @@ def wait_until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "cond
             return got
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met after {timeout} s {detail()}")
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:
@@ -192,20 +214,37 @@ def controller(broker: Mosquitto, **mqtt_overrides: Any) -> Controller:
 
 
 class Recorder:
-    """Subscribes to topic filters and records every message (topic, payload dict or bytes, properties, retain)."""
+    """Subscribes to topic filters and records every message (topic, payload dict or bytes, properties, retain).
 
-    def __init__(self, broker: Mosquitto, *filters: str, **client_kw: Any):
+    ``session_expiry_s`` > 0 gives it a persistent session (pass a fixed ``client_id``): it reconnects by itself
+    after a broker restart and the broker keeps what was published for it meanwhile, as a controller that must not
+    miss a status would do."""
+
+    def __init__(self, broker: Mosquitto, *filters: str, session_expiry_s: int = 0, **client_kw: Any):
         self.messages: list[tuple[str, Any, Any, bool]] = []
         self._cond = threading.Condition()
+        self.filters = filters
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
                                   **client_kw)
         self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
+        if session_expiry_s:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry_s
+            self.client.reconnect_delay_set(0.05, 0.5)
+            self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
+        else:
+            self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         wait_until(self.client.is_connected, 10, "the recorder's connection")
         # Recording starts when the broker has taken the subscriptions, not after a guessed pause: anything
         # published from then on is ours.
         subscribe_and_wait(self.client, [(f, 1) for f in filters])
+        self.client.on_connect = self._on_reconnect
+
+    def _on_reconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        # A resumed session still holds the subscriptions (and what arrived for them while we were away).
+        if self.filters and not flags.session_present:
+            client.subscribe([(f, 1) for f in self.filters])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from tests.agent_proc import Recorder, controller, final_states
+from tests.chaos.harness import STRACE, kill_broker_between_loops
 
 
 def _raw_publish(broker, topic: str, payload: bytes, qos: int = 1) -> None:
@@ -56,6 +60,36 @@ def test_broker_sigkill_while_jobs_run(agents, mosquitto):
     while json.loads(agent.cli("status", "--json").stdout)["outbox_depth"]:
         assert time.monotonic() < deadline, "the outbox did not drain"
         time.sleep(0.1)
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (make test installs it)")
+def test_messages_in_flight_when_the_broker_dies_keep_their_order(agents, mosquitto):
+    """Statuses the broker never read before it died are sent again after the reconnect, and what the job queued
+    meanwhile does not overtake them: versions arrive in order, the final result before the terminal status.
+    (paho sends the old connection's messages only after the connect callback; while the node counted as connected
+    from that callback on, the outbox handed newer ones over first. It now serves from the SUBACK.)"""
+    agent = agents("node-ord", jobs={"progress_interval_s": 0})
+    rec = Recorder(mosquitto, "cvw/v1/nodes/node-ord/jobs/+/status", "cvw/v1/nodes/node-ord/jobs/+/result",
+                   session_expiry_s=600, client_id="ord-recorder")
+    for round_ in range(2):
+        job = f"ord-{round_}"
+        with controller(mosquitto) as ctl:
+            ctl.submit("debug.sleep", {"seconds": 2.0, "steps": 20}, node="node-ord", job_id=job)
+        _wait_states(agent, [job], {"IN_PROGRESS"})
+        os.kill(mosquitto.proc.pid, signal.SIGSTOP)
+        time.sleep(0.8)  # the job reports progress to a broker that reads none of it
+        kill_broker_between_loops(mosquitto)
+        _wait_states(agent, [job], {"SUCCEEDED"})
+        mosquitto.start()
+        rec.wait_for(lambda m, j=job: any(isinstance(p, dict) and p.get("job_id") == j and p.get("state") == "SUCCEEDED"
+                                          for _, p, _, _ in m), timeout=30)
+        got = [p for _, p, _, _ in rec.messages if isinstance(p, dict) and p.get("job_id") == job]
+        order = [f"v{p['version']}" if "version" in p else f"r{p['seq']}" for p in got]
+        first = list(dict.fromkeys(order))  # a redelivered copy may repeat one; first arrivals must be in order
+        versions = [int(x[1:]) for x in first if x.startswith("v")]
+        assert versions == sorted(versions) and versions == list(range(1, versions[-1] + 1)), order
+        assert first.index("r0") < first.index(f"v{versions[-1]}"), f"terminal status before the final result: {order}"
+    rec.close()
 
 
 def test_agent_sigkill_recovery(agents, mosquitto):

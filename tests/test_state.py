@@ -290,6 +290,28 @@ def test_outbox_order_and_results_log(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("compacted", [False, True])
+def test_outbox_order_survives_a_restart(tmp_path, compacted):
+    """Entries come back in id order after a restart, also across a power of ten in one commit (a journal record
+    lists its changes sorted as text: "10" before "9"). Out of order, the outbox published a job's statuses
+    backwards after a restart, and the broker kept an old IN_PROGRESS as the retained status of a finished job."""
+    store = StateStore(tmp_path, compact_min_bytes=1 if compacted else 4 * 1024 * 1024)
+    with store.transaction():
+        ids = [store.outbox_add({"n": n}) for n in range(12)]
+    store.wait_durable()
+    with store.transaction():
+        store.meta_set("m", 1)  # a second commit: with compaction on, the first is in a snapshot by now
+    store.close()
+    assert (tmp_path / SNAPSHOT).exists() == compacted
+    reopened = StateStore(tmp_path)
+    assert [i for i, _ in reopened.outbox_after(0)] == ids
+    assert [i for i, _ in reopened.outbox_after(ids[8])] == ids[9:]
+    with reopened.transaction():
+        assert reopened.outbox_add({"n": 12}) == ids[-1] + 1
+    assert [i for i, _ in reopened.outbox_after(ids[-1])] == [ids[-1] + 1]
+    reopened.close()
+
+
 def test_outbox_ids_keep_growing_after_it_empties(tmp_path):
     store = StateStore(tmp_path)
     with store.transaction():
