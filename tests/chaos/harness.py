@@ -460,3 +460,15 @@ def _tracer_of(pid: int) -> int:
         if line.startswith("TracerPid:"):
             return int(line.split()[1])
     return 0
+
+
+def settle_and_check(ctl: JobController, rec: JobRecorder, agent: AgentProc, broker: Mosquitto, jobs: list[Job],
+                     seed: int, timeout: float = 120) -> dict[str, int]:
+    """The end of a scenario: every job reaches a terminal state on the broker, every invariant holds, the retained
+    statuses are the terminal ones, and the outbox drains. Returns the outcome counts for the report."""
+    rec.wait_terminal([j.job_id for j in jobs], timeout=timeout, why=f" (seed {seed})")
+    ends = assert_invariants(ctl, rec, agent.state_dir, seed)
+    assert_retained_terminal(broker, rec, jobs)
+    wait_outbox_empty(agent)
+    return ends
+

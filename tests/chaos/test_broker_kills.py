@@ -12,11 +12,9 @@ from tests.chaos.harness import (
     STRACE,
     JobController,
     JobRecorder,
-    assert_invariants,
-    assert_retained_terminal,
     infer_job,
     kill_broker_between_loops,
-    wait_outbox_empty,
+    settle_and_check,
 )
 
 BROKER_KILLS = 6
@@ -44,10 +42,7 @@ def test_broker_sigkill_while_jobs_run_loses_nothing(tmp_path, mosquitto, pictur
             agent.wait_log(CONNECTED, count=connected + 1)  # the next kill finds the node connected
         sent = ctl.stop_stream()
         acked = ctl.acked()
-        rec.wait_terminal([j.job_id for j in acked], timeout=120, why=f" (seed {seed})")
-        ends = assert_invariants(ctl, rec, agent.state_dir, seed)
-        assert_retained_terminal(mosquitto, rec, acked)
-        wait_outbox_empty(agent)
+        ends = settle_and_check(ctl, rec, agent, mosquitto, acked, seed, timeout=120)
         assert agent.log().count(CONNECTED) == BROKER_KILLS + 1
         print(f"{BROKER_KILLS} broker kills; {sent} jobs sent, {len(acked)} acknowledged, a batch of {BATCH_IMAGES} "
               f"images; outcomes {ends}")

@@ -13,10 +13,8 @@ from tests.chaos.harness import (
     Job,
     JobController,
     JobRecorder,
-    assert_invariants,
-    assert_retained_terminal,
     infer_job,
-    wait_outbox_empty,
+    settle_and_check,
     wait_until,
 )
 
@@ -71,10 +69,7 @@ def test_a_60s_outage_loses_nothing_and_the_node_is_back_within_2s(tmp_path, mos
         watcher.close()
         assert took <= RECONNECT_BOUND_S, f"the node was back {took:.2f} s after the broker (bound 2 s)"
 
-        rec.wait_terminal([j.job_id for j in jobs], timeout=60, why=f" (seed {seed})")
-        ends = assert_invariants(ctl, rec, agent.state_dir, seed)
-        assert_retained_terminal(mosquitto, rec, jobs)
-        wait_outbox_empty(agent)
+        ends = settle_and_check(ctl, rec, agent, mosquitto, jobs, seed, timeout=60)
         print(f"{OUTAGE_S:.0f} s outage: {len(jobs)} jobs ended meanwhile ({ends}); node back {took:.2f} s after "
               f"the broker")
     finally:

@@ -16,11 +16,10 @@ from tests.chaos.harness import (
     JobController,
     JobRecorder,
     assert_invariants,
-    assert_retained_terminal,
     infer_job,
+    settle_and_check,
     strace_command,
     wait_killed_by_strace,
-    wait_outbox_empty,
 )
 
 # (syscall, K): SIGKILL at the K-th call in one thread. `write` counts only appends to the journal segment (the
@@ -85,10 +84,7 @@ def test_a_kill_at_every_step_of_a_commit_loses_nothing(tmp_path, quiet_broker, 
         agent.start()
         sent = len(ctl.all_jobs())
         acked = ctl.acked()
-        rec.wait_terminal([j.job_id for j in acked], timeout=120, why=f" (seed {seed})")
-        ends = assert_invariants(ctl, rec, agent.state_dir, seed)
-        assert_retained_terminal(quiet_broker, rec, acked)
-        wait_outbox_empty(agent)
+        ends = settle_and_check(ctl, rec, agent, quiet_broker, acked, seed, timeout=120)
         print(f"{len(fired)} injected kills {fired}; {sent} jobs sent, {len(acked)} acknowledged, a batch of "
               f"{BATCH_IMAGES} images; outcomes {ends}")
     finally:
